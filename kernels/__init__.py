@@ -1,0 +1,8 @@
+"""Sparse FFN kernels: gate/up over the predicted-active rows and the down projection as a weighted sum of
+rows, on GPU (CUDA C through CuPy) and CPU (torch), with plain torch references beside them."""
+from .ffn import get_backend, sparse_down, sparse_ffn, sparse_gate_up
+from .reference import sparse_down_reference, sparse_ffn_reference, sparse_gate_up_reference
+from .rows import WEIGHT_TYPES, FFNRows
+
+__all__ = ["FFNRows", "WEIGHT_TYPES", "get_backend", "sparse_down", "sparse_down_reference", "sparse_ffn",
+           "sparse_ffn_reference", "sparse_gate_up", "sparse_gate_up_reference"]

@@ -1,0 +1,116 @@
+"""CUDA backend: the kernels of sparse_ffn.cu launched through CuPy on torch's current stream, zero-copy on
+torch tensors, with no host synchronisation (so a decode step can be captured in a CUDA graph).
+Importing this module imports CuPy; the registry imports it only for CUDA devices."""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import cupy
+import numpy as np
+import torch
+
+from .rows import FLOAT_DTYPES, FFNRows
+from powerinfer_py.model import ffn_activation
+
+WEIGHT_CODES = {"f32": 0, "f16": 1, "bf16": 2, "q8_0": 3, "q4_0": 4}
+ACT_CODES = {"relu": 0, "drelu": 1, "silu": 2}
+OUT_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+TOKEN_TILES = (1, 2, 4, 8)  # tokens per launch the kernels are compiled for
+THREADS = 256  # 8 warps; the kernels assume it
+COLS_PER_BLOCK = 256
+# From this many tokens on, float rows go through cuBLAS over all rows (measured by `python -m kernels.bench`).
+DENSE_MIN_TOKENS = 16
+
+
+@functools.cache
+def _module(weight_type: str) -> cupy.RawModule:
+    wt = WEIGHT_CODES[weight_type]
+    names = [f"gate_up<{wt},{tt}>" for tt in TOKEN_TILES] + [f"down_partial<{wt},{tt}>" for tt in TOKEN_TILES]
+    names += [f"down_reduce<{o}>" for o in OUT_CODES.values()]
+    src = Path(__file__).with_name("sparse_ffn.cu").read_text()
+    return cupy.RawModule(code=src, options=("-std=c++17",), name_expressions=names)
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _ptr(t: torch.Tensor) -> np.uint64:
+    return np.uint64(t.data_ptr())
+
+
+def _launch(kernel, grid, args, device: torch.device):
+    with cupy.cuda.Device(device.index), cupy.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream):
+        kernel(grid, (THREADS,), args)
+
+
+def _tile(T: int) -> int:
+    return next(tt for tt in TOKEN_TILES if tt >= T)
+
+
+def _padded_x(x: torch.Tensor, rows: FFNRows) -> torch.Tensor:
+    """x as contiguous fp32 rows zero-padded to a multiple of 8 elements (the kernels read 8 at a time)."""
+    width = -(-rows.d // 8) * 8
+    if x.dtype == torch.float32 and width == rows.d and x.is_contiguous():
+        return x
+    xf = x.new_zeros((x.shape[0], width), dtype=torch.float32)
+    xf[:, : rows.d] = x
+    return xf
+
+
+class CudaBackend:
+    name = "cuda"
+
+    def gate_up(self, x, rows: FFNRows, active, act, threshold, h, full):
+        """Write h (fp32, (T, m) or the full (T, n_ff)) for the active neurons."""
+        T = x.shape[0]
+        if T >= DENSE_MIN_TOKENS and rows.weight_type in FLOAT_DTYPES:
+            return self._gate_up_dense(x, rows, active, act, threshold, h, full)
+        xf, active = _padded_x(x, rows), active.contiguous()
+        mod, wt = _module(rows.weight_type), rows.weight_type
+        for t0 in range(0, T, TOKEN_TILES[-1]):
+            n = min(T - t0, TOKEN_TILES[-1])
+            kernel = mod.get_function(f"gate_up<{WEIGHT_CODES[wt]},{_tile(n)}>")
+            args = (_ptr(rows.gate), _ptr(rows.up), np.int64(rows.gate.stride(0) * rows.gate.element_size()),
+                    _ptr(rows.neuron_idx), np.int32(rows.m), _ptr(active[t0]), np.int64(active.shape[1]),
+                    _ptr(xf[t0]), np.int32(rows.d), np.int32(xf.shape[1]), np.int32(n), np.int32(ACT_CODES[act]),
+                    np.float32(threshold), _ptr(h[t0]), np.int32(full))
+            _launch(kernel, (-(-rows.m // 8),), args, x.device)
+
+    def down(self, h, rows: FFNRows, y):
+        """y (T, d) = h @ down_t over the rows with h != 0; fp32 partial sums per row split, reduced in order."""
+        T = h.shape[0]
+        if T >= DENSE_MIN_TOKENS and rows.weight_type in FLOAT_DTYPES:
+            y.copy_(h.to(rows.down_t.dtype) @ rows.down_t[:, : rows.d])
+            return
+        col_blocks = -(-rows.d // COLS_PER_BLOCK)
+        splits = max(1, min(-(-rows.m // 256), 4 * _sm_count(h.device.index) // col_blocks))
+        rows_per_split = -(-rows.m // splits)
+        splits = -(-rows.m // rows_per_split)
+        mod, wt = _module(rows.weight_type), WEIGHT_CODES[rows.weight_type]
+        reduce_kernel = mod.get_function(f"down_reduce<{OUT_CODES[y.dtype]}>")
+        h = h.contiguous()
+        for t0 in range(0, T, TOKEN_TILES[-1]):
+            n = min(T - t0, TOKEN_TILES[-1])
+            partial = torch.empty((splits, n, rows.d), dtype=torch.float32, device=h.device)
+            kernel = mod.get_function(f"down_partial<{wt},{_tile(n)}>")
+            args = (_ptr(rows.down_t), np.int64(rows.down_t.stride(0) * rows.down_t.element_size()),
+                    np.int32(rows.m), np.int32(rows.d), _ptr(h[t0]), np.int32(n), np.int32(rows_per_split),
+                    _ptr(partial))
+            _launch(kernel, (col_blocks, splits), args, h.device)
+            total = n * rows.d
+            _launch(reduce_kernel, (-(-total // THREADS),),
+                    (_ptr(partial), np.int32(splits), np.int64(total), _ptr(y[t0])), h.device)
+
+    def _gate_up_dense(self, x, rows, active, act, threshold, h, full):
+        """Many tokens: cuBLAS over all rows (each row read once for every token), then mask."""
+        xw = x.to(rows.gate.dtype)
+        g = (xw @ rows.gate[:, : rows.d].T).float()
+        u = (xw @ rows.up[:, : rows.d].T).float()
+        hc = ffn_activation(g, u, act, threshold) * active[:, rows.neuron_idx]
+        if full:
+            h[:, rows.neuron_idx] = hc
+        else:
+            h.copy_(hc)

@@ -1,0 +1,123 @@
+"""The sparse FFN entry points and the registry that picks a backend per device, once.
+
+Every entry point checks its arguments (dtype, shape, device: TypeError/ValueError naming the argument)
+before anything runs, then hands the work to rows' backend: CUDA kernels through CuPy ('cuda'), torch CPU
+kernels ('cpu'), or the plain references ('reference') when CuPy or CUDA is missing.
+"""
+from __future__ import annotations
+
+import functools
+import warnings
+
+import torch
+
+from .reference import sparse_down_reference, sparse_gate_up_reference
+from .rows import FFNRows
+
+ACTS = ("relu", "drelu", "silu")
+X_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class ReferenceBackend:
+    """The references over the rows' exact values: correct anywhere, slow (dequantizes on every call)."""
+    name = "reference"
+
+    def gate_up(self, x, rows, active, act, threshold, h, full):
+        gate, up, _ = rows.dense()
+        hc = sparse_gate_up_reference(x, gate, up, rows.neuron_idx, active, act, threshold)
+        if full:
+            h[:, rows.neuron_idx] = hc
+        else:
+            h.copy_(hc)
+
+    def down(self, h, rows, y):
+        y.copy_(sparse_down_reference(h, rows.dense()[2]))
+
+
+@functools.cache
+def get_backend(device_type: str):
+    """The backend for 'cpu' or 'cuda'; for 'cuda' without CuPy or a GPU, the reference with a warning."""
+    if device_type == "cpu":
+        from .cpu import CpuBackend
+        return CpuBackend()
+    if device_type != "cuda":
+        raise ValueError(f"device: expected 'cpu' or 'cuda', got {device_type!r}")
+    try:
+        if not torch.cuda.is_available():
+            raise ImportError("torch sees no CUDA device")
+        from .cuda import CudaBackend
+        return CudaBackend()
+    except ImportError as e:
+        warnings.warn(f"kernels: CUDA kernels unavailable ({e}); using the slow torch reference", stacklevel=2)
+        return ReferenceBackend()
+
+
+def _check_tensor(name, t, dtypes, shape, device):
+    """shape: a tuple with None for any size."""
+    if not torch.is_tensor(t):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in dtypes:
+        raise TypeError(f"{name}: expected dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
+    if t.dim() != len(shape) or any(s is not None and s != n for s, n in zip(shape, t.shape)):
+        want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
+        raise ValueError(f"{name}: expected shape {want}, got {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name}: expected a tensor on {device}, got one on {t.device}")
+
+
+def _check_inputs(x, rows, active, act):
+    if not isinstance(rows, FFNRows):
+        raise TypeError(f"rows: expected FFNRows, got {type(rows).__name__}")
+    _check_tensor("x", x, X_DTYPES, (None, rows.d), rows.device)
+    _check_tensor("active", active, (torch.bool,), (x.shape[0], None), rows.device)
+    if active.shape[1] < rows.min_n_ff:
+        raise ValueError(f"active: has {active.shape[1]} neurons, but rows hold neuron {rows.min_n_ff - 1}")
+    if act not in ACTS:
+        raise ValueError(f"act: expected one of {ACTS}, got {act!r}")
+
+
+def _check_out(out, shape, dtypes, device):
+    _check_tensor("out", out, dtypes, shape, device)
+    if not out.is_contiguous():
+        raise ValueError("out: must be contiguous")
+
+
+def sparse_gate_up(x, rows: FFNRows, active, act="relu", threshold=0.0, full=False, out=None):
+    """Activations of the rows' neurons, fp32: compact (T, m) in row order, or with full=True the layer's
+    (T, n_ff) where only the rows' neuron columns are written (a new buffer starts as zeros).
+    0 where a neuron is predicted inactive; rows no token needs are never read."""
+    _check_inputs(x, rows, active, act)
+    shape = (x.shape[0], active.shape[1] if full else rows.m)
+    if out is None:
+        out = torch.zeros(shape, dtype=torch.float32, device=rows.device)
+    else:
+        _check_out(out, shape, (torch.float32,), rows.device)
+    if rows.m and x.shape[0]:
+        get_backend(rows.device.type).gate_up(x, rows, active, act, float(threshold), out, full)
+    return out
+
+
+def sparse_down(h, rows: FFNRows, out=None):
+    """(T, d) = h @ down_t_rows for compact fp32 h (T, m), fp32 accumulation, reading only rows with h != 0.
+    out (f32/f16/bf16) receives the result; by default a new fp32 tensor."""
+    if not isinstance(rows, FFNRows):
+        raise TypeError(f"rows: expected FFNRows, got {type(rows).__name__}")
+    _check_tensor("h", h, (torch.float32,), (None, rows.m), rows.device)
+    if out is None:
+        out = torch.empty((h.shape[0], rows.d), dtype=torch.float32, device=rows.device)
+    else:
+        _check_out(out, (h.shape[0], rows.d), X_DTYPES, rows.device)
+    if rows.m == 0 or h.shape[0] == 0:
+        return out.zero_()
+    get_backend(rows.device.type).down(h, rows, out)
+    return out
+
+
+def sparse_ffn(x, rows: FFNRows, active, act="relu", threshold=0.0, out=None):
+    """The rows' share of the FFN output, (T, d) in x's dtype (or into out): sum over the active neurons j
+    of ffn_activation(gate_j . x, up_j . x) * down_t_rows[j]."""
+    _check_inputs(x, rows, active, act)
+    if out is not None:
+        _check_out(out, tuple(x.shape), X_DTYPES, rows.device)
+    h = sparse_gate_up(x, rows, active, act, threshold)
+    return sparse_down(h, rows, out if out is not None else torch.empty_like(x))

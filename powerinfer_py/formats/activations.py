@@ -1,0 +1,53 @@
+"""PowerInfer activation statistics: DIR/activation_{i}.pt, one 1-D tensor of n_ff per-neuron counts per layer."""
+from __future__ import annotations
+
+import os
+import re
+
+import torch
+
+from ..errors import InputError
+
+_NAME = re.compile(r"^activation_(\d+)\.pt$")
+
+
+def activation_path(folder: str, layer: int) -> str:
+    return os.path.join(folder, f"activation_{layer}.pt")
+
+
+def save_activations(folder: str, counts: list[torch.Tensor]) -> None:
+    """Write one file per layer into an existing folder (callers make the folder atomically)."""
+    for i, c in enumerate(counts):
+        torch.save(c.detach().cpu().contiguous(), activation_path(folder, i))
+
+
+def load_activations(folder: str, n_layers: int | None = None, n_ff: int | None = None) -> list[torch.Tensor]:
+    """Counts per layer, in numeric layer order (PowerInfer's exporter sorts names as strings: layer 2 would get
+    layer 10's counts). Checks the layer count and each tensor's length when given."""
+    if not os.path.isdir(folder):
+        raise InputError(f"{folder}: activation folder not found")
+    found = {}
+    for name in os.listdir(folder):
+        m = _NAME.match(name)
+        if m:
+            found[int(m.group(1))] = name
+    if not found:
+        raise InputError(f"{folder}: no activation_<i>.pt files")
+    layers = sorted(found)
+    if layers != list(range(len(layers))):
+        raise InputError(f"{folder}: activation files are not numbered 0..{len(layers) - 1} (have {layers})")
+    if n_layers is not None and len(layers) != n_layers:
+        raise InputError(f"{folder}: {len(layers)} activation files for a model of {n_layers} layers")
+    out = []
+    for i in layers:
+        path = os.path.join(folder, found[i])
+        try:
+            t = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # torch raises many types for corrupt files
+            raise InputError(f"{path}: cannot read activation counts ({e.__class__.__name__})") from None
+        if not isinstance(t, torch.Tensor) or t.dim() != 1:
+            raise InputError(f"{path}: expected a 1-D tensor of per-neuron counts")
+        if n_ff is not None and t.numel() != n_ff:
+            raise InputError(f"{path}: {t.numel()} counts, the model has n_ff={n_ff}")
+        out.append(t)
+    return out

@@ -1,0 +1,70 @@
+"""PowerInfer predictor folders: model_{i}.pt state dicts with fc1.weight (r, d) and fc2.weight (n_ff, r), no
+biases, and an optional config.json with sparse_threshold."""
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import torch
+
+from ..errors import InputError
+
+_NAME = re.compile(r"^model_(\d+)\.pt$")
+
+
+def save_predictors(folder: str, layers: list[dict], sparse_threshold: float, extra_config: dict | None = None):
+    """Write into an existing folder (callers make it under a temporary name and rename it)."""
+    for i, sd in enumerate(layers):
+        torch.save({"fc1.weight": sd["fc1.weight"].detach().cpu().contiguous(),
+                    "fc2.weight": sd["fc2.weight"].detach().cpu().contiguous()},
+                   os.path.join(folder, f"model_{i}.pt"))
+    cfg = {"sparse_threshold": float(sparse_threshold), **(extra_config or {})}
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+
+
+def load_predictors(folder: str, n_layers: int | None = None, dim: int | None = None,
+                    n_ff: int | None = None) -> tuple[list[dict], float]:
+    """(per-layer {'fc1.weight', 'fc2.weight'} in layer order, sparse_threshold). Checks count and shapes."""
+    if not os.path.isdir(folder):
+        raise InputError(f"{folder}: predictor folder not found")
+    found = {}
+    for name in os.listdir(folder):
+        m = _NAME.match(name)
+        if m:
+            found[int(m.group(1))] = name
+    layers = sorted(found)
+    if not layers:
+        raise InputError(f"{folder}: no model_<i>.pt predictor files")
+    expected = list(range(n_layers if n_layers is not None else len(layers)))
+    if layers != expected:
+        missing = sorted(set(expected) - set(layers))
+        extra = sorted(set(layers) - set(expected))
+        raise InputError(f"{folder}: predictor files do not match the model's {len(expected)} layers"
+                         + (f"; missing layers {missing}" if missing else "") + (f"; extra layers {extra}" if extra else ""))
+    out = []
+    for i in layers:
+        path = os.path.join(folder, found[i])
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise InputError(f"{path}: cannot read predictor ({e.__class__.__name__})") from None
+        if not isinstance(sd, dict) or "fc1.weight" not in sd or "fc2.weight" not in sd:
+            raise InputError(f"{path}: expected a state dict with fc1.weight and fc2.weight")
+        fc1, fc2 = sd["fc1.weight"], sd["fc2.weight"]
+        r = fc1.shape[0]
+        if fc1.dim() != 2 or (dim is not None and fc1.shape[1] != dim):
+            raise InputError(f"{path}: fc1.weight has shape {tuple(fc1.shape)}, expected (r, {dim})")
+        if fc2.dim() != 2 or fc2.shape[1] != r or (n_ff is not None and fc2.shape[0] != n_ff):
+            raise InputError(f"{path}: fc2.weight has shape {tuple(fc2.shape)}, expected ({n_ff}, {r})")
+        out.append({"fc1.weight": fc1, "fc2.weight": fc2})
+    threshold = 0.0
+    cfg_path = os.path.join(folder, "config.json")
+    if os.path.exists(cfg_path):
+        try:
+            with open(cfg_path) as f:
+                threshold = float(json.load(f).get("sparse_threshold", 0.0))
+        except (ValueError, OSError) as e:
+            raise InputError(f"{cfg_path}: unreadable ({e})") from None
+    return out, threshold

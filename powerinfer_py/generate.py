@@ -1,0 +1,116 @@
+"""Prefill + decode loop. On CUDA the decode step is captured once in a CUDA graph (static token/position
+buffers, KV cache attended under a mask), so a token costs one graph replay instead of hundreds of launches."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import InputError
+from .sampling import Sampler, SamplingParams
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    prompt_seconds: float = 0.0
+    generated_tokens: int = 0
+    generate_seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def prompt_tps(self):
+        return self.prompt_tokens / self.prompt_seconds if self.prompt_seconds else 0.0
+
+    @property
+    def generate_tps(self):
+        """Decode steps per second (the first token comes from the prefill, as in llama.cpp's timings)."""
+        steps = self.generated_tokens - 1
+        return steps / self.generate_seconds if self.generate_seconds and steps > 0 else 0.0
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Generator:
+    """Runs a Transformer (dense or hybrid) with a preallocated KV cache of `max_len` positions."""
+
+    def __init__(self, model, max_len: int, use_cuda_graph: bool = True, prefill_chunk: int = 512):
+        self.model = model
+        self.device = model.tok_embeddings.weight.device
+        self.max_len = max_len
+        self.prefill_chunk = prefill_chunk
+        model.setup_caches(1, max_len)
+        self.use_graph = use_cuda_graph and self.device.type == "cuda" and getattr(model, "graph_capturable", True)
+        self.graph = None
+
+    # -- one forward over a chunk of tokens at positions [start, start+T)
+    def prefill(self, tokens: list[int], start: int = 0) -> torch.Tensor:
+        logits = None
+        for i in range(0, len(tokens), self.prefill_chunk):
+            chunk = torch.tensor([tokens[i:i + self.prefill_chunk]], device=self.device)
+            pos = torch.arange(start + i, start + i + chunk.shape[1], device=self.device)
+            logits = self.model(chunk, pos, kv_len=start + i + chunk.shape[1], last_only=True)
+        return logits[0, -1]
+
+    def _capture(self):
+        self.static_token = torch.zeros((1, 1), dtype=torch.long, device=self.device)
+        self.static_pos = torch.zeros((1,), dtype=torch.long, device=self.device)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):  # warm-up outside the graph, as torch's graph docs require
+            for _ in range(2):
+                self.model(self.static_token, self.static_pos)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.static_logits = self.model(self.static_token, self.static_pos)
+
+    def decode(self, token: int, pos: int) -> torch.Tensor:
+        """Logits (vocab,) after feeding `token` at position `pos`."""
+        if not self.use_graph:
+            t = torch.tensor([[token]], device=self.device)
+            return self.model(t, torch.tensor([pos], device=self.device), kv_len=pos + 1)[0, -1]
+        if self.graph is None:
+            self._capture()  # the warm-up wrote garbage at position 0 of the cache: callers prefill after this
+        self.static_token.fill_(token)
+        self.static_pos.fill_(pos)
+        self.graph.replay()
+        return self.static_logits[0, -1]
+
+    @torch.inference_mode()
+    def generate(self, prompt: list[int], max_new_tokens: int, params: SamplingParams | None = None,
+                 eos_ids=(), on_token=None) -> tuple[list[int], GenerationStats]:
+        if not prompt:
+            raise InputError("the prompt is empty")
+        if len(prompt) + max_new_tokens > self.max_len:
+            raise InputError(f"prompt of {len(prompt)} tokens + {max_new_tokens} new tokens exceeds the context "
+                             f"length {self.max_len}")
+        sampler = Sampler(params or SamplingParams())
+        if self.use_graph and self.graph is None:
+            self._capture()
+        stats = GenerationStats(prompt_tokens=len(prompt))
+        _sync(self.device)
+        t0 = time.perf_counter()
+        logits = self.prefill(prompt)
+        history = list(prompt)
+        token = sampler(logits, history)
+        _sync(self.device)
+        stats.prompt_seconds = time.perf_counter() - t0
+        out = []
+        t0 = time.perf_counter()
+        while True:
+            out.append(token)
+            history.append(token)
+            if on_token is not None:
+                on_token(token)
+            if token in eos_ids or len(out) >= max_new_tokens:
+                break
+            token = sampler(self.decode(token, len(history) - 1), history)
+        _sync(self.device)
+        stats.generate_seconds = time.perf_counter() - t0
+        stats.generated_tokens = len(out)
+        return out, stats

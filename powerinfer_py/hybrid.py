@@ -1,0 +1,107 @@
+"""The hybrid FFN: one layer's neurons split between the GPU (hot rows) and the CPU (cold rows), both halves
+computed at the same time from the same predictor mask, partial outputs added on the GPU.
+
+Per layer and call:  GPU: copy x and the mask to pinned host buffers, record an event, launch the hot rows'
+kernels (queued, running)  |  CPU: wait for the event, compute the cold rows, copy the result back (pinned,
+non-blocking)  |  GPU: y = y_hot + y_cold.  The module keeps model.FeedForward's signature, so the model code
+does not change; kernels come from the `kernels` registry."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+from torch import nn
+
+from kernels import FFNRows, sparse_ffn
+
+
+class HostBuffers:
+    """Pinned host buffers shared by all layers (a layer finishes with them before the next one starts)."""
+
+    def __init__(self, dim: int, n_ff: int, dtype):
+        self.dim, self.n_ff, self.dtype = dim, n_ff, dtype
+        self.x = self.active = self.y = None
+
+    def get(self, T: int):
+        if self.x is None or self.x.shape[0] < T:
+            pin = torch.cuda.is_available()
+            self.x = torch.empty((T, self.dim), dtype=self.dtype, pin_memory=pin)
+            self.active = torch.empty((T, self.n_ff), dtype=torch.bool, pin_memory=pin)
+            self.y = torch.empty((T, self.dim), dtype=self.dtype, pin_memory=pin)
+        return self.x[:T], self.active[:T], self.y[:T]
+
+
+class HybridFeedForward(nn.Module):
+    def __init__(self, gpu_rows: FFNRows | None, cpu_rows: FFNRows | None, n_ff: int, act: str, threshold: float,
+                 host: HostBuffers | None, counters: "HybridCounters | None" = None):
+        super().__init__()
+        self.gpu_rows, self.cpu_rows, self.n_ff = gpu_rows, cpu_rows, n_ff
+        self.act, self.threshold, self.host, self.counters = act, threshold, host, counters
+        if gpu_rows is not None and gpu_rows.device.type == "cuda":
+            self.copied = torch.cuda.Event()
+            self.register_buffer("gpu_mask", torch.zeros(n_ff, dtype=torch.bool, device=gpu_rows.device),
+                                 persistent=False)
+            self.gpu_mask[gpu_rows.neuron_idx] = True
+
+    @property
+    def splits(self) -> bool:
+        """Both devices hold rows: the call crosses PCIe."""
+        return self.cpu_rows is not None and self.gpu_rows is not None and self.gpu_rows.device.type == "cuda"
+
+    def forward(self, x, active=None):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        if active is None:  # no predictor: every neuron computes (dense, exact)
+            active = torch.ones((x.shape[0], self.n_ff), dtype=torch.bool, device=x.device)
+        active = active.reshape(-1, self.n_ff)
+        if self.counters is not None and hasattr(self, "gpu_mask"):
+            self.counters.count(active, self.gpu_mask)
+        if not self.splits:
+            rows = self.gpu_rows if self.gpu_rows is not None else self.cpu_rows
+            return sparse_ffn(x, rows, active, self.act, self.threshold).view(shape)
+        x_host, active_host, y_host = self.host.get(x.shape[0])
+        x_host.copy_(x, non_blocking=True)
+        active_host.copy_(active, non_blocking=True)
+        self.copied.record()
+        y = sparse_ffn(x, self.gpu_rows, active, self.act, self.threshold)  # queued: runs while the CPU works
+        self.copied.synchronize()
+        t0 = time.perf_counter()
+        sparse_ffn(x_host, self.cpu_rows, active_host, self.act, self.threshold, out=y_host)
+        if self.counters is not None:
+            self.counters.cpu_seconds += time.perf_counter() - t0
+        y += y_host.to(y.device, non_blocking=True)
+        return y.view(shape)
+
+
+class HybridCounters:
+    """GPU hit rate (share of active neurons served on the GPU) and host time in cold-row compute. The sums
+    stay on the GPU until read, so counting adds no synchronisation."""
+
+    def __init__(self, device):
+        self.active = torch.zeros((), dtype=torch.long, device=device)
+        self.hits = torch.zeros((), dtype=torch.long, device=device)
+        self.cpu_seconds = 0.0
+
+    def count(self, active, gpu_mask):
+        self.active += active.sum()
+        self.hits += (active & gpu_mask).sum()
+
+    @property
+    def hit_rate(self) -> float:
+        total = int(self.active)
+        return int(self.hits) / total if total else float("nan")
+
+
+def split_rows(gate, up, down, gpu_mask: np.ndarray, device, gpu_weight_type: str):
+    """(gpu_rows, cpu_rows) of one layer: gate/up (n_ff, d), down (d, n_ff); gpu_mask (n_ff,) bool.
+    The CPU keeps only its cold rows; the GPU rows are packed compactly on the device."""
+    hot = torch.from_numpy(np.flatnonzero(gpu_mask)).long()
+    cold = torch.from_numpy(np.flatnonzero(~gpu_mask)).long()
+
+    def pack(idx, dev, weight_type):
+        if idx.numel() == 0:
+            return None
+        return FFNRows.pack(gate[idx], up[idx], down[:, idx].T, idx, dev, weight_type)
+
+    return pack(hot, device, gpu_weight_type), pack(cold, "cpu", "f32")

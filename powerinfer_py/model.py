@@ -1,0 +1,244 @@
+"""A plain Llama decoder (gpt-fast style): the math, nothing else.
+
+The FFN is the seam for sparse inference: `FeedForward.forward(x, active)` takes an optional mask of active
+neurons per token, and the hybrid engine swaps the module for one with the same signature that splits the
+neurons between GPU and CPU. Kernels never appear here.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+# ---------------------------------------------------------------- rotary embeddings
+
+def rope_inv_freq(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies (fp32) and the attention scaling for cfg's RoPE variant (transformers' formulas)."""
+    dim, base = cfg.head_dim, cfg.rope_theta
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    s = cfg.rope_scaling or {}
+    kind = s.get("rope_type", "default")
+    scale = 1.0
+    if kind in ("default", "dynamic"):  # dynamic-NTK changes the base per call: see rope_cos_sin
+        pass
+    elif kind == "linear":
+        inv_freq = inv_freq / s["factor"]
+    elif kind == "llama3":
+        factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+        old_len = s["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / lo, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old_len / hi) & ~(wavelen > old_len / lo)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    elif kind == "yarn":
+        factor = s["factor"]
+        old_len = s.get("original_max_position_embeddings") or cfg.max_seq_len
+
+        def mscale(scale, m=1.0):
+            return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+        scale = s.get("attention_factor")
+        if scale is None:
+            if s.get("mscale") and s.get("mscale_all_dim"):
+                scale = mscale(factor, s["mscale"]) / mscale(factor, s["mscale_all_dim"])
+            else:
+                scale = mscale(factor)
+        beta_fast, beta_slow = s.get("beta_fast") or 32, s.get("beta_slow") or 1
+
+        def correction_dim(rotations):
+            return (dim * math.log(old_len / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+        lo, hi = correction_dim(beta_fast), correction_dim(beta_slow)
+        if s.get("truncate", True):
+            lo, hi = math.floor(lo), math.ceil(hi)
+        lo, hi = max(lo, 0), min(hi, dim - 1)
+        if lo == hi:
+            hi += 0.001
+        ramp = ((torch.arange(dim // 2, dtype=torch.float64) - lo) / (hi - lo)).clamp(0, 1)
+        extrapolation = 1 - ramp
+        inv_freq = (inv_freq / factor) * (1 - extrapolation) + inv_freq * extrapolation
+    else:
+        raise ValueError(f"unknown rope_type {kind!r}")
+    return inv_freq.float(), float(scale)
+
+
+def rope_cos_sin(cfg: ModelConfig, inv_freq: torch.Tensor, scale: float, input_pos: torch.Tensor):
+    """cos/sin for the given positions. Dynamic NTK grows the base with the longest position, as transformers
+    does; the computation stays on tensors so a CUDA graph can capture it."""
+    s = cfg.rope_scaling or {}
+    if s.get("rope_type") == "dynamic":
+        dim, factor = cfg.head_dim, s["factor"]
+        old_len = s.get("original_max_position_embeddings") or cfg.max_seq_len
+        seq_len = (input_pos.max() + 1).clamp(min=old_len).double()
+        base = cfg.rope_theta * ((factor * seq_len / old_len) - (factor - 1)) ** (dim / (dim - 2))
+        exponent = torch.arange(0, dim, 2, dtype=torch.float64, device=input_pos.device) / dim
+        inv_freq = (1.0 / base ** exponent).float()
+    freqs = input_pos.float()[:, None] * inv_freq[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos() * scale, emb.sin() * scale
+
+
+def apply_rope(x, cos, sin):
+    """x: (B, H, T, hd); rotate-half convention (Hugging Face layout)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+# ---------------------------------------------------------------- attention with a preallocated KV cache
+
+class KVCache(nn.Module):
+    def __init__(self, batch: int, n_kv_heads: int, max_len: int, head_dim: int, dtype, device=None):
+        super().__init__()
+        shape = (batch, n_kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos, k, v):
+        self.k.index_copy_(2, input_pos, k)
+        self.v.index_copy_(2, input_pos, v)
+        return self.k, self.v
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.kv_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.kv_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x, cos, sin, input_pos, kv_len: int | None):
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.kv_cache is None:  # no cache: plain causal attention over this call's tokens
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=True)
+        else:
+            k, v = self.kv_cache.update(input_pos, k, v)
+            if kv_len is not None:  # eager calls attend only to the filled part of the cache
+                k, v = k[:, :, :kv_len], v[:, :, :kv_len]
+            mask = torch.arange(k.shape[2], device=x.device)[None, :] <= input_pos[:, None]
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[None, None], enable_gqa=True)
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+
+# ---------------------------------------------------------------- FFN and predictor
+
+def ffn_activation(gate, up, act: str, threshold: float = 0.0):
+    """The FFN's neuron activations: SwiGLU, ReGLU (relu(gate)*up) or dReLU (relu(gate)*relu(up)).
+    A FATReLU threshold zeroes gate activations at or below it (ProSparse)."""
+    a = F.silu(gate) if act == "silu" else F.relu(gate)
+    if threshold > 0:
+        a = torch.where(a > threshold, a, torch.zeros_like(a))
+    return a * (F.relu(up) if act == "drelu" else up)
+
+
+class FeedForward(nn.Module):
+    """Dense FFN. `active` (bool, broadcastable to (..., n_ff)) zeroes predicted-inactive neurons exactly."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.act, self.threshold = cfg.ffn_act, cfg.ffn_threshold
+        self.w_gate = nn.Linear(cfg.dim, cfg.n_ff, bias=False)
+        self.w_up = nn.Linear(cfg.dim, cfg.n_ff, bias=False)
+        self.w_down = nn.Linear(cfg.n_ff, cfg.dim, bias=False)
+
+    def activation(self, x):
+        return ffn_activation(self.w_gate(x), self.w_up(x), self.act, self.threshold)
+
+    def forward(self, x, active=None):
+        h = self.activation(x)
+        if active is not None:
+            h = h.masked_fill(~active, 0)
+        return self.w_down(h)
+
+
+class Predictor(nn.Module):
+    """PowerInfer's per-layer activation predictor: logits = fc2 @ relu(fc1 @ p), active iff logit >= threshold."""
+
+    def __init__(self, dim: int, rank: int, n_ff: int, threshold: float = 0.0):
+        super().__init__()
+        self.threshold = threshold
+        self.fc1 = nn.Linear(dim, rank, bias=False)
+        self.fc2 = nn.Linear(rank, n_ff, bias=False)
+
+    def logits(self, p):
+        return self.fc2(F.relu(self.fc1(p)))
+
+    def forward(self, p):
+        return self.logits(p) >= self.threshold
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.feed_forward = FeedForward(cfg)
+        self.predictor: Predictor | None = None  # set when running sparse
+
+    def forward(self, x, cos, sin, input_pos, kv_len):
+        h = x + self.attention(self.attention_norm(x), cos, sin, input_pos, kv_len)
+        active = self.predictor(h) if self.predictor is not None else None  # input: residual before ffn_norm
+        return h + self.feed_forward(self.ffn_norm(h), active)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        inv_freq, self.rope_scale = rope_inv_freq(cfg)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def setup_caches(self, batch: int, max_len: int, dtype=None, device=None):
+        """Preallocate the KV cache (static shapes, so decode can be captured in a CUDA graph)."""
+        cfg = self.config
+        dtype = dtype or self.tok_embeddings.weight.dtype
+        device = device or self.tok_embeddings.weight.device
+        self.max_len = max_len
+        for layer in self.layers:
+            layer.attention.kv_cache = KVCache(batch, cfg.n_kv_heads, max_len, cfg.head_dim, dtype, device)
+
+    def forward(self, tokens, input_pos=None, kv_len: int | None = None, last_only: bool = False):
+        """tokens (B, T); input_pos (T,) their positions. kv_len: how much of the cache to attend to (eager);
+        None attends over the whole cache under the mask (static shapes for graphs)."""
+        if input_pos is None:
+            input_pos = torch.arange(tokens.shape[1], device=tokens.device)
+        cos, sin = rope_cos_sin(self.config, self.inv_freq, self.rope_scale, input_pos)
+        x = self.tok_embeddings(tokens)
+        for layer in self.layers:
+            x = layer(x, cos, sin, input_pos, kv_len)
+        if last_only:
+            x = x[:, -1:]
+        return self.output(self.norm(x)).float()

@@ -1,0 +1,113 @@
+"""Activation profiling: run the dense model over text in large batches and count, per layer and neuron, the
+tokens for which the neuron is active (PowerInfer's activation_{i}.pt), optionally dumping the predictor
+training set on the way."""
+from __future__ import annotations
+
+import torch
+from tqdm import tqdm
+
+from powerinfer_py.errors import InputError, UnsupportedModelError
+
+from .capture import FFNCapture, active_mask, run_layers
+from .dataset import DatasetWriter
+
+SKEW_SHARES = (0.5, 0.8, 0.9, 0.99)
+
+
+def token_windows(tokenizer, text: str, window: int, max_tokens: int | None = None) -> list[list[int]]:
+    """Cut the tokenized text into windows of `window` tokens. With max_tokens, take evenly spaced windows
+    across the whole text: a prefix of a corpus sorted by source would profile one kind of text only."""
+    ids = tokenizer.encode(text)
+    if len(ids) < 2:
+        raise InputError(f"the text has {len(ids)} tokens; profiling needs at least 2")
+    windows = [ids[i:i + window] for i in range(0, len(ids), window)]
+    if max_tokens is not None and max_tokens < len(ids):
+        n = max(1, max_tokens // window)
+        step = len(windows) / n
+        windows = [windows[int(k * step)] for k in range(n)]
+        windows[-1] = windows[-1][:max_tokens - window * (n - 1)]
+    return windows
+
+
+def check_profilable(cfg, active_threshold: float) -> None:
+    if not cfg.is_relu_family and active_threshold <= 0:
+        raise UnsupportedModelError(
+            f"the model's FFN activation is {cfg.ffn_act}, which is never exactly zero, so no neuron is inactive; "
+            "pass --fatrelu-threshold T to count neurons with |activation| > T as active")
+
+
+def activation_stats(counts: list[torch.Tensor], tokens: int) -> list[dict]:
+    """Per layer: sparsity (share of inactive neuron-token pairs) and, for each share q in SKEW_SHARES, the
+    fraction of neurons (hottest first) that carries q of all activations: the skew the GPU split lives on."""
+    layers = []
+    for c in counts:
+        c = c.double().cpu()
+        total = c.sum().item()
+        cum = c.sort(descending=True).values.cumsum(0)
+        hot = {str(q): (int(torch.searchsorted(cum, q * total).item()) + 1) / c.numel() if total else 0.0
+               for q in SKEW_SHARES}
+        layers.append({"sparsity": 1 - total / (tokens * c.numel()) if tokens else float("nan"),
+                       "neurons_carrying": hot})
+    return layers
+
+
+class Profiler:
+    """Accumulates counts (and optionally the training set) over forward passes of `model`."""
+
+    def __init__(self, model, active_threshold: float = 0.0, dataset: DatasetWriter | None = None):
+        cfg = model.config
+        device = model.tok_embeddings.weight.device
+        self.model, self.active_threshold, self.dataset = model, active_threshold, dataset
+        self.counts = [torch.zeros(cfg.n_ff, dtype=torch.int64, device=device) for _ in range(cfg.n_layers)]
+        self.tokens = 0
+
+    def run(self, tokens: torch.Tensor) -> None:
+        """One batch (B, T). Counts and dataset rows are committed only once the whole batch has gone through."""
+        n_ff = self.model.config.n_ff
+        batch_counts, inputs, masks = {}, {}, {}
+
+        def on_layer(i, p, act):
+            mask = active_mask(act, self.active_threshold).reshape(-1, n_ff)
+            batch_counts[i] = mask.sum(0)
+            if self.dataset is not None:
+                inputs[i], masks[i] = p.reshape(mask.shape[0], -1), mask
+
+        with FFNCapture(self.model, on_layer):
+            run_layers(self.model, tokens)
+        for i, c in batch_counts.items():
+            self.counts[i] += c
+        if self.dataset is not None:
+            order = sorted(inputs)
+            self.dataset.append([inputs[i] for i in order], [masks[i] for i in order])
+        self.tokens += tokens.numel()
+
+
+def profile(model, windows: list[list[int]], batch_tokens: int = 4096, active_threshold: float = 0.0,
+            dataset: DatasetWriter | None = None, progress: bool = True) -> tuple[Profiler, bool]:
+    """Profile the windows in batches of about batch_tokens tokens. Returns (profiler, interrupted): Ctrl-C
+    stops after the last complete batch and keeps what was counted."""
+    check_profilable(model.config, active_threshold)
+    profiler = Profiler(model, active_threshold, dataset)
+    device = model.tok_embeddings.weight.device
+    batches = _batches(windows, batch_tokens)
+    bar = tqdm(total=sum(len(w) for w in windows), unit="tok", desc="profile", disable=not progress)
+    try:
+        for batch in batches:
+            profiler.run(torch.tensor(batch, device=device))
+            bar.update(len(batch) * len(batch[0]))
+    except KeyboardInterrupt:
+        return profiler, True
+    finally:
+        bar.close()
+    return profiler, False
+
+
+def _batches(windows, batch_tokens):
+    """Stack equal-length windows into (B, T) batches of about batch_tokens tokens."""
+    by_len: dict[int, list] = {}
+    for w in windows:
+        by_len.setdefault(len(w), []).append(w)
+    for length, group in by_len.items():
+        per_batch = max(1, batch_tokens // length)
+        for i in range(0, len(group), per_batch):
+            yield group[i:i + per_batch]

@@ -1,0 +1,63 @@
+"""A small bandwidth model of one decode step, used as the latency objective and in reports.
+
+Per layer the GPU streams the layer's dense bytes (attention, predictor, norms, KV cache) and every hot row (hot
+rows are computed dense), while the CPU streams the cold rows the predictor activates, on average count/tokens
+per neuron, and hands its result back; the two overlap, so the layer takes max(GPU time, CPU time + hand-off).
+A layer whose neurons all live on the GPU has no CPU part and no hand-off. The output head runs on the GPU.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from kernels import FFNRows
+
+from .ledger import DENSE_DTYPES, Ledger
+
+
+@dataclass(frozen=True)
+class Bandwidths:
+    """Defaults measured on the H100 device machine (shared/docs/device-facts.md, 2026-11-22)."""
+    gpu: float = 3.0e12  # B/s, HBM device-to-device copy
+    cpu: float = 116e9  # B/s, DRAM read with 16 threads
+    pcie: float = 55e9  # B/s, pinned host<->device
+    sync_s: float = 27e-6  # an 8 KB H2D + D2H + synchronize round trip
+
+
+@dataclass(frozen=True)
+class TokenModel:
+    layer_dense_s: np.ndarray  # per layer: its dense bytes at GPU bandwidth
+    head_s: float  # final norm and output head
+    gpu_s_per_neuron: float  # one neuron's rows at GPU bandwidth
+    cpu_s_per_neuron: float  # one neuron's rows (the CPU kernels' fp32 layout) at CPU bandwidth
+    cpu_bytes_per_neuron: int
+    handoff_s: float  # round trip plus the FFN input and active mask down and the FFN output up
+    tokens: float  # tokens the activation counts were collected over: count / tokens = activation probability
+
+    @classmethod
+    def build(cls, ledger: Ledger, tokens: float, bandwidths: Bandwidths) -> "TokenModel":
+        cfg = ledger.config
+        cpu_bytes = FFNRows.bytes_per_neuron(cfg.dim, ledger.ffn_weight_type, gated=True, device="cpu")
+        dense = np.array([ledger.layer_bytes(i) for i in range(cfg.n_layers)], dtype=np.float64)
+        handoff_bytes = 2 * cfg.dim * DENSE_DTYPES[ledger.dtype].itemsize + cfg.n_ff
+        return cls(layer_dense_s=dense / bandwidths.gpu,
+                   head_s=ledger.category_bytes()["output"] / bandwidths.gpu,
+                   gpu_s_per_neuron=ledger.ffn_bytes_per_neuron / bandwidths.gpu,
+                   cpu_s_per_neuron=cpu_bytes / bandwidths.cpu,
+                   cpu_bytes_per_neuron=cpu_bytes,
+                   handoff_s=bandwidths.sync_s + handoff_bytes / bandwidths.pcie,
+                   tokens=float(tokens))
+
+    def layer_times(self, hot: np.ndarray, cold_counts: np.ndarray, n_ff: int) -> np.ndarray:
+        """Seconds per layer with `hot` neurons on the GPU and `cold_counts` activations left to the CPU."""
+        gpu = self.layer_dense_s + hot * self.gpu_s_per_neuron
+        cpu = np.where(hot == n_ff, 0.0, cold_counts / self.tokens * self.cpu_s_per_neuron + self.handoff_s)
+        return np.maximum(gpu, cpu)
+
+    @property
+    def min_gpu_neurons(self) -> int:
+        """The paper's C_l: the fewest GPU neurons whose saving pays for the hand-off, C t_gpu + T_sync <= C t_cpu,
+        with t the time to stream one neuron's rows on each side."""
+        return math.ceil(self.handoff_s / (self.cpu_s_per_neuron - self.gpu_s_per_neuron))

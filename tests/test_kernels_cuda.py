@@ -1,0 +1,120 @@
+"""Every CUDA kernel against the reference on the rows' exact values (float64), outputs poisoned first."""
+import pytest
+import torch
+
+from kernels import FFNRows, get_backend, sparse_down, sparse_ffn, sparse_gate_up, sparse_gate_up_reference
+from kernels import sparse_ffn_reference
+from kernels.cases import random_mask, random_share
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+pytest.importorskip("cupy")
+
+WEIGHT_TYPES = ["f32", "f16", "bf16", "q8_0", "q4_0"]
+# The sparse kernels multiply the exact weights in fp32; only the output cast and the dense (cuBLAS, weight
+# dtype) path round more.
+OUT_RTOL = {torch.float32: 2e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+DENSE_RTOL = {"f32": 1e-3, "f16": 3e-3, "bf16": 2e-2}
+
+
+def rel_err(a, b):
+    return ((a.double() - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def case(weight_type, m=1003, d=None, n_ff=2500):
+    d = d or (320 if weight_type.startswith("q") else 300)  # not multiples of 256 (a column block) or of 8
+    gate, up, down_t, idx = random_share(m, d, n_ff)
+    rows = FFNRows.pack(gate, up, down_t, idx, "cuda", weight_type)
+    return rows, [t.double() for t in rows.dense()]
+
+
+def test_backend_is_cuda():
+    assert get_backend("cuda").name == "cuda"
+
+
+@pytest.mark.parametrize("weight_type", WEIGHT_TYPES)
+@pytest.mark.parametrize("T", [1, 3, 8, 11, 20])
+def test_ffn_matches_reference(weight_type, T):
+    rows, (gate, up, down_t) = case(weight_type)
+    for act, threshold, density in [("relu", 0.0, 0.1), ("drelu", 0.0, 0.3), ("silu", 0.0, 0.5), ("relu", 0.4, 1.0)]:
+        x, active = torch.randn(T, rows.d, device="cuda"), random_mask(T, 2500, density).cuda()
+        h = torch.full((T, rows.m), float("nan"), device="cuda")
+        sparse_gate_up(x, rows, active, act, threshold, out=h)
+        h_ref = sparse_gate_up_reference(x.double(), gate, up, rows.neuron_idx, active, act, threshold)
+        dense = T >= 16 and weight_type in DENSE_RTOL
+        assert rel_err(h, h_ref) < (DENSE_RTOL[weight_type] if dense else 2e-6), (act, density)
+        assert (h[~active[:, rows.neuron_idx]] == 0).all()
+        y = torch.full((T, rows.d), float("nan"), device="cuda")
+        sparse_down(h, rows, out=y)
+        assert rel_err(y, h.double() @ down_t) < (DENSE_RTOL[weight_type] if dense else 2e-6)
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("weight_type", WEIGHT_TYPES)
+def test_ffn_output_dtypes(weight_type, x_dtype):
+    rows, (gate, up, down_t) = case(weight_type, m=517)
+    x, active = torch.randn(2, rows.d, device="cuda").to(x_dtype), random_mask(2, 2500, 0.2).cuda()
+    out = torch.full((2, rows.d), float("nan"), device="cuda", dtype=x_dtype)
+    sparse_ffn(x, rows, active, "relu", out=out)
+    ref = sparse_ffn_reference(x.double(), gate, up, down_t, rows.neuron_idx, active)
+    assert torch.isfinite(out).all() and rel_err(out, ref) < OUT_RTOL[x_dtype]
+
+
+@pytest.mark.parametrize("weight_type", ["f16", "q4_0"])
+def test_full_length_output_writes_only_owned_columns(weight_type):
+    rows, (gate, up, _) = case(weight_type)
+    x, active = torch.randn(3, rows.d, device="cuda"), random_mask(3, 2500, 0.3).cuda()
+    h = torch.full((3, 2500), float("nan"), device="cuda")
+    sparse_gate_up(x, rows, active, "silu", full=True, out=h)
+    ref = sparse_gate_up_reference(x.double(), gate, up, rows.neuron_idx, active, "silu")
+    assert rel_err(h[:, rows.neuron_idx], ref) < 2e-6
+    owned = torch.zeros(2500, dtype=torch.bool, device="cuda")
+    owned[rows.neuron_idx] = True
+    assert h[:, ~owned].isnan().all()
+
+
+@pytest.mark.parametrize("density", [0.0, 1.0])
+def test_empty_and_full_masks(density):
+    rows, (gate, up, down_t) = case("bf16")
+    x, active = torch.randn(2, rows.d, device="cuda"), random_mask(2, 2500, density).cuda()
+    y = sparse_ffn(x, rows, active)
+    if density == 0:
+        assert (y == 0).all()
+    else:
+        assert rel_err(y, sparse_ffn_reference(x.double(), gate, up, down_t, rows.neuron_idx, active)) < 2e-6
+
+
+def test_deterministic():
+    rows, _ = case("f16", m=4000, d=1024, n_ff=5000)
+    x, active = torch.randn(4, 1024, device="cuda"), random_mask(4, 5000, 0.3).cuda()
+    assert torch.equal(sparse_ffn(x, rows, active), sparse_ffn(x, rows, active))
+
+
+def test_cuda_graph_capture_and_replay():
+    rows, (gate, up, down_t) = case("q8_0")
+    x, active = torch.randn(1, rows.d, device="cuda"), random_mask(1, 2500, 0.2).cuda()
+    out = torch.full((1, rows.d), float("nan"), device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up compiles and loads the kernels outside the capture
+        sparse_ffn(x, rows, active, out=out)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        sparse_ffn(x, rows, active, out=out)
+    for _ in range(3):  # new inputs in the captured buffers
+        x.copy_(torch.randn_like(x))
+        active.copy_(random_mask(1, 2500, 0.3).cuda())
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, sparse_ffn(x, rows, active))
+        assert rel_err(out, sparse_ffn_reference(x.double(), gate, up, down_t, rows.neuron_idx, active)) < 2e-6
+
+
+def test_bad_devices_rejected_before_launch():
+    rows, _ = case("f16", m=40)
+    x, active = torch.randn(1, rows.d), random_mask(1, 2500, 0.2)
+    with pytest.raises(ValueError, match="x: expected a tensor on cuda"):
+        sparse_ffn(x, rows, active.cuda())
+    with pytest.raises(ValueError, match="active: expected a tensor on cuda"):
+        sparse_ffn(x.cuda(), rows, active)

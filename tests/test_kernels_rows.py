@@ -1,0 +1,53 @@
+import pytest
+import torch
+
+from kernels import FFNRows, quant
+from kernels.cases import random_share
+
+
+@pytest.mark.parametrize("weight_type", ["f32", "f16", "bf16", "q8_0", "q4_0"])
+def test_cpu_nbytes_match_bytes_per_neuron(weight_type):
+    gate, up, down_t, idx = random_share(21, 64, 70)
+    rows = FFNRows.pack(gate, up, down_t, idx, "cpu", weight_type)
+    assert rows.nbytes == 21 * FFNRows.bytes_per_neuron(64, weight_type, device="cpu") == 21 * (3 * 64 * 4 + 8)
+
+
+def test_cuda_layout_bytes():
+    """Rows padded to 16 bytes; Llama-2-7B rows are already aligned."""
+    assert FFNRows.bytes_per_neuron(4096, "f16") == 3 * 8192 + 8
+    assert FFNRows.bytes_per_neuron(4096, "q8_0") == 3 * 4352 + 8
+    assert FFNRows.bytes_per_neuron(4096, "q4_0") == 3 * 2304 + 8
+    assert FFNRows.bytes_per_neuron(100, "f16", gated=False) == 2 * 208 + 8
+    assert FFNRows.bytes_per_neuron(96, "q8_0") == 3 * 112 + 8  # 102 bytes of blocks, padded
+
+
+def test_pack_takes_gguf_blocks_as_they_are():
+    gate, up, down_t, idx = random_share(5, 64, 9)
+    as_floats = FFNRows.pack(gate, up, down_t, idx, "cpu", "q4_0")
+    as_blocks = FFNRows.pack(*(quant.quantize(w, "q4_0") for w in (gate, up, down_t)), idx, "cpu", "q4_0")
+    assert as_blocks.d == 64
+    for a, b in zip(as_floats.dense(), as_blocks.dense()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("change,error,match", [
+    (dict(weight_type="q5_k"), ValueError, "weight_type"),
+    (dict(weight_type="q8_0", d=40), ValueError, "multiple of 32"),
+    (dict(idx=torch.tensor([3, 1, 2])), ValueError, "ascending"),
+    (dict(idx=torch.tensor([0, 1, 2], dtype=torch.int32)), TypeError, "neuron_idx"),
+    (dict(up_m=2), ValueError, "gate_rows/up_rows/down_t_rows"),
+    (dict(device="meta"), ValueError, "device"),
+])
+def test_pack_rejects_bad_input(change, error, match):
+    d = change.get("d", 64)
+    gate, up, down_t, _ = random_share(3, d, 10)
+    up = up[: change.get("up_m", 3)]
+    with pytest.raises(error, match=match):
+        FFNRows.pack(gate, up, down_t, change.get("idx", torch.tensor([1, 4, 7])), change.get("device", "cpu"),
+                      change.get("weight_type", "f16"))
+
+
+def test_pack_rejects_integer_rows():
+    with pytest.raises(TypeError, match="gate_rows"):
+        FFNRows.pack(torch.ones(2, 32, dtype=torch.int32), torch.randn(2, 32), torch.randn(2, 32),
+                     torch.tensor([0, 1]), "cpu", "f16")
