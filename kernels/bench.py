@@ -18,7 +18,8 @@ import time
 
 import torch
 
-from . import FFNRows, sparse_ffn, sparse_ffn_reference
+from . import FFNRows, sparse_down, sparse_ffn, sparse_ffn_reference, sparse_gate_up
+from . import cpu as cpu_backend
 from .cases import random_mask
 from .rows import FLOAT_DTYPES
 
@@ -55,27 +56,30 @@ def _replay_ms(graph, reps=15):
 
 
 class GpuTimer:
-    """Seconds per step(i), i over ROWS_PER_CALL input sets, L2 flushed before each step."""
+    """Seconds per step(i), i over ROWS_PER_CALL input sets, L2 flushed before each step by reading twice its
+    size (a read leaves clean lines: a write flush would make the step pay for writing them back)."""
 
     def __init__(self):
         props = torch.cuda.get_device_properties(0)
-        self.scratch = torch.empty(2 * props.L2_cache_size, dtype=torch.uint8, device="cuda")
-        flushes = _capture(lambda: [self.scratch.fill_(i) for i in range(ROWS_PER_CALL)])
+        self.scratch = torch.randn(2 * props.L2_cache_size // 4, device="cuda")
+        self.total = torch.empty((), device="cuda")
+        flushes = _capture(lambda: [torch.sum(self.scratch, 0, out=self.total) for _ in range(ROWS_PER_CALL)])
         self.flush_ms = _replay_ms(flushes)
 
     def seconds(self, step):
         def body():
             for i in range(ROWS_PER_CALL):
-                self.scratch.fill_(i)
+                torch.sum(self.scratch, 0, out=self.total)
                 step(i)
         return max(_replay_ms(_capture(body)) - self.flush_ms, 1e-6) / ROWS_PER_CALL / 1e3
 
 
 def copy_bandwidth() -> float:
-    """Device-to-device copy of 1 GiB, bytes read plus written per second."""
+    """Device-to-device copy of 1 GiB by a kernel (a graph would turn copy_ into a slower memcpy node),
+    bytes read plus written per second."""
     src = torch.randn(1 << 28, device="cuda")
     dst = torch.empty_like(src)
-    ms = _replay_ms(_capture(lambda: dst.copy_(src)))
+    ms = _replay_ms(_capture(lambda: torch.mul(src, 1.0, out=dst)))
     return 2 * src.numel() * 4 / (ms / 1e3)
 
 
@@ -113,6 +117,16 @@ def gpu_bench(timer, copy_bw, records):
                                     impl="sparse_ffn", us=t * 1e6, bytes=weight_bytes + io_bytes,
                                     GBs=(weight_bytes + io_bytes) / t / 1e9, ceiling_GBs=copy_bw / 1e9))
                 if weight_type == "f16":
+                    h = [torch.empty(1, n_ff, device="cuda") for _ in range(ROWS_PER_CALL)]
+                    for impl, step, nbytes in (
+                        ("sparse_gate_up only", lambda i: sparse_gate_up(x[i], rows, active[i], out=h[i]),
+                         2 * weight_bytes / 3),
+                        ("sparse_down only", lambda i: sparse_down(h[i], rows, out=out[i]), weight_bytes / 3),
+                    ):
+                        t = timer.seconds(step)
+                        records.append(dict(device="gpu", shape=shape, weight_type=weight_type, density=density,
+                                            T=1, impl=impl, us=t * 1e6, bytes=nbytes, GBs=nbytes / t / 1e9,
+                                            ceiling_GBs=copy_bw / 1e9))
                     t = _eager_seconds(lambda i: sparse_ffn(x[i], rows, active[i], out=out[i]))
                     records.append(dict(device="gpu", shape=shape, weight_type=weight_type, density=density, T=1,
                                         impl="sparse_ffn eager (launch overhead incl.)", us=t * 1e6))
@@ -199,13 +213,26 @@ def cpu_bench(records, flush_bytes, shapes):
             nbytes = int(3 * n_active * d * 4)
             read = seconds(lambda r: read_buf[: nbytes // 4].sum())
             base = dict(device="cpu", threads=threads, shape=shape, weight_type="f32", density=density, T=1)
+            h = [sparse_gate_up(x, rows, a) for a in active]
             for impl, step in (
                 ("sparse_ffn", lambda r: sparse_ffn(x, rows, active[r])),
+                ("sparse_gate_up only", lambda r: sparse_gate_up(x, rows, active[r])),
+                ("sparse_down only", lambda r: sparse_down(h[r], rows)),
                 ("torch gather-then-matmul reference", lambda r: sparse_ffn_reference(x, gate, up, down_t, idx, active[r])),
             ):
                 t = seconds(step)
-                records.append(base | dict(impl=impl, us=t * 1e6, bytes=nbytes, GBs=nbytes / t / 1e9,
+                part = {"sparse_gate_up only": 2 / 3, "sparse_down only": 1 / 3}.get(impl, 1)
+                records.append(base | dict(impl=impl, us=t * 1e6, bytes=nbytes * part, GBs=nbytes * part / t / 1e9,
                                            ceiling_GBs=nbytes / read / 1e9))
+            if density in (0.1, 0.3):  # the gather chunk size
+                default = cpu_backend.CHUNK_BYTES
+                for chunk in (1 << 20, 64 << 20):
+                    cpu_backend.CHUNK_BYTES = chunk
+                    t = seconds(lambda r: sparse_gate_up(x, rows, active[r]))
+                    records.append(base | dict(impl=f"sparse_gate_up only, chunk {chunk >> 20} MiB", us=t * 1e6,
+                                               bytes=nbytes * 2 / 3, GBs=nbytes * 2 / 3 / t / 1e9,
+                                               ceiling_GBs=nbytes / read / 1e9))
+                cpu_backend.CHUNK_BYTES = default
         del gate, up, down_t, rows, read_buf
 
 

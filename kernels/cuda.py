@@ -20,7 +20,7 @@ TOKEN_TILES = (1, 2, 4, 8)  # tokens per launch the kernels are compiled for
 THREADS = 256  # 8 warps; the kernels assume it
 COLS_PER_BLOCK = 256
 # From this many tokens on, float rows go through cuBLAS over all rows (measured by `python -m kernels.bench`).
-DENSE_MIN_TOKENS = 16
+DENSE_MIN_TOKENS = 4
 
 
 @functools.cache
@@ -53,8 +53,8 @@ def _tile(T: int) -> int:
 def _padded_x(x: torch.Tensor, rows: FFNRows) -> torch.Tensor:
     """x as contiguous fp32 rows zero-padded to a multiple of 8 elements (the kernels read 8 at a time)."""
     width = -(-rows.d // 8) * 8
-    if x.dtype == torch.float32 and width == rows.d and x.is_contiguous():
-        return x
+    if width == rows.d:
+        return x.float().contiguous()
     xf = x.new_zeros((x.shape[0], width), dtype=torch.float32)
     xf[:, : rows.d] = x
     return xf

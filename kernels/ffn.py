@@ -88,8 +88,8 @@ def sparse_gate_up(x, rows: FFNRows, active, act="relu", threshold=0.0, full=Fal
     0 where a neuron is predicted inactive; rows no token needs are never read."""
     _check_inputs(x, rows, active, act)
     shape = (x.shape[0], active.shape[1] if full else rows.m)
-    if out is None:
-        out = torch.zeros(shape, dtype=torch.float32, device=rows.device)
+    if out is None:  # the compact form is written whole; the full one only in the rows' columns
+        out = (torch.zeros if full or not rows.m else torch.empty)(shape, dtype=torch.float32, device=rows.device)
     else:
         _check_out(out, shape, (torch.float32,), rows.device)
     if rows.m and x.shape[0]:

@@ -1,5 +1,6 @@
-"""Prefill + decode loop. On CUDA the decode step is captured once in a CUDA graph (static token/position
-buffers, KV cache attended under a mask), so a token costs one graph replay instead of hundreds of launches."""
+"""Prefill + decode loop. On CUDA the decode step is captured in CUDA graphs (static token/position buffers;
+one graph per power-of-two bucket of attended cache length, masked), so a token costs one graph replay
+instead of hundreds of launches."""
 from __future__ import annotations
 
 import time
@@ -45,7 +46,7 @@ class Generator:
         self.prefill_chunk = prefill_chunk
         model.setup_caches(1, max_len)
         self.use_graph = use_cuda_graph and self.device.type == "cuda" and getattr(model, "graph_capturable", True)
-        self.graph = None
+        self.graphs = {}  # attended cache length -> (CUDA graph, its logits buffer)
 
     # -- one forward over a chunk of tokens at positions [start, start+T)
     def prefill(self, tokens: list[int], start: int = 0) -> torch.Tensor:
@@ -56,30 +57,42 @@ class Generator:
             logits = self.model(chunk, pos, kv_len=start + i + chunk.shape[1], last_only=True)
         return logits[0, -1]
 
-    def _capture(self):
-        self.static_token = torch.zeros((1, 1), dtype=torch.long, device=self.device)
-        self.static_pos = torch.zeros((1,), dtype=torch.long, device=self.device)
+    def _bucket(self, pos: int) -> int:
+        """The attended cache length for position `pos`: the next power of two (at least 256), so a decode
+        step reads the filled part of the cache, not all of it, with one graph per bucket."""
+        return min(self.max_len, max(256, 1 << pos.bit_length()))
+
+    def _capture(self, kv_len: int):
+        """Capture the step whose token and position are in the static buffers: the warm-up runs that very
+        step, so what it writes into the KV cache is what the replay writes."""
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):  # warm-up outside the graph, as torch's graph docs require
             for _ in range(2):
-                self.model(self.static_token, self.static_pos)
+                self.model(self.static_token, self.static_pos, kv_len=kv_len)
         torch.cuda.current_stream(self.device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.static_logits = self.model(self.static_token, self.static_pos)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            logits = self.model(self.static_token, self.static_pos, kv_len=kv_len)
+        self.graphs[kv_len] = (graph, logits)
 
     def decode(self, token: int, pos: int) -> torch.Tensor:
         """Logits (vocab,) after feeding `token` at position `pos`."""
         if not self.use_graph:
             t = torch.tensor([[token]], device=self.device)
             return self.model(t, torch.tensor([pos], device=self.device), kv_len=pos + 1)[0, -1]
-        if self.graph is None:
-            self._capture()  # the warm-up wrote garbage at position 0 of the cache: callers prefill after this
+        if not self.graphs:
+            self.static_token = torch.zeros((1, 1), dtype=torch.long, device=self.device)
+            self.static_pos = torch.zeros((1,), dtype=torch.long, device=self.device)
+            self.pool = torch.cuda.graph_pool_handle()  # graphs of all buckets share one memory pool
         self.static_token.fill_(token)
         self.static_pos.fill_(pos)
-        self.graph.replay()
-        return self.static_logits[0, -1]
+        kv_len = self._bucket(pos)
+        if kv_len not in self.graphs:
+            self._capture(kv_len)
+        graph, logits = self.graphs[kv_len]
+        graph.replay()
+        return logits[0, -1]
 
     @torch.inference_mode()
     def generate(self, prompt: list[int], max_new_tokens: int, params: SamplingParams | None = None,
@@ -90,8 +103,6 @@ class Generator:
             raise InputError(f"prompt of {len(prompt)} tokens + {max_new_tokens} new tokens exceeds the context "
                              f"length {self.max_len}")
         sampler = Sampler(params or SamplingParams())
-        if self.use_graph and self.graph is None:
-            self._capture()
         stats = GenerationStats(prompt_tokens=len(prompt))
         _sync(self.device)
         t0 = time.perf_counter()

@@ -5,13 +5,24 @@ from __future__ import annotations
 import json
 import os
 
-from .errors import ModelFormatError
+from .errors import InputError, ModelFormatError
 
 
 class Tokenizer:
-    def __init__(self, backend, bos_id: int | None, eos_ids, add_bos: bool):
+    def __init__(self, backend, bos_id: int | None, eos_ids, add_bos: bool, chat_template: str | None = None):
         self.backend = backend  # tokenizers.Tokenizer or sentencepiece.SentencePieceProcessor
         self.bos_id, self.eos_ids, self.add_bos = bos_id, tuple(eos_ids), add_bos
+        self.chat_template = chat_template
+
+    def apply_chat(self, user_message: str) -> str:
+        """The prompt text for one user turn, rendered with the model's Jinja chat template."""
+        if not self.chat_template:
+            raise InputError("--chat: the model has no chat template")
+        import jinja2
+
+        template = jinja2.Environment(trim_blocks=True, lstrip_blocks=True).from_string(self.chat_template)
+        return template.render(messages=[{"role": "user", "content": user_message}], add_generation_prompt=True,
+                               bos_token="", eos_token="")
 
     def encode(self, text: str, bos: bool | None = None) -> list[int]:
         if hasattr(self.backend, "encode_as_ids"):
@@ -54,7 +65,7 @@ class Tokenizer:
             add_bos = cfg.get("add_bos_token", True)
         else:
             raise ModelFormatError(f"{folder}: no tokenizer.json or tokenizer.model")
-        return cls(backend, bos_id, eos_ids, bool(add_bos))
+        return cls(backend, bos_id, eos_ids, bool(add_bos), cfg.get("chat_template"))
 
 
 def _post_processor_adds_bos(json_path: str) -> bool:

@@ -18,6 +18,8 @@ import torch.nn.functional as F
 
 from powerinfer_py.model import Predictor
 
+from .metrics import confusion_counts, confusion_rates
+
 GLOBAL_THRESHOLD = -1.0
 
 
@@ -103,14 +105,6 @@ def calibrate_threshold(logits: torch.Tensor, masks: torch.Tensor, recall: float
     return positives.float().kthvalue(k).values.item()
 
 
-def confusion(logits: torch.Tensor, masks: torch.Tensor, threshold: float) -> dict:
-    """recall, precision, true and predicted active fractions of `logits >= threshold` against `masks`."""
-    pred = logits >= threshold
-    tp, n_pred, n_true = (pred & masks).sum().item(), pred.sum().item(), masks.sum().item()
-    return {"recall": tp / n_true if n_true else 1.0, "precision": tp / n_pred if n_pred else 1.0,
-            "true_active": n_true / masks.numel(), "predicted_active": n_pred / masks.numel()}
-
-
 def train_layer(inputs: torch.Tensor, masks: torch.Tensor, cfg: TrainConfig) -> tuple[dict, float, dict]:
     """One layer from its predictor inputs (tokens, dim) float and true masks (tokens, n_ff) bool.
     Returns (state dict for the raw residual input, calibrated threshold, report)."""
@@ -134,8 +128,8 @@ def train_layer(inputs: torch.Tensor, masks: torch.Tensor, cfg: TrainConfig) -> 
         fit(pred, x_train, y_train, epochs, cfg, pos_weight, generator)
         logits = predictor_logits(pred, x_held)
         threshold = calibrate_threshold(logits, y_held, cfg.target_recall)
-        stats = confusion(logits, y_held, threshold)
-        ratio = stats["predicted_active"] / max(stats["true_active"], 1e-12)
+        stats = confusion_rates(confusion_counts(logits >= threshold, y_held))
+        ratio = stats["active_ratio"]
         steps.append({"rank": rank, "active_ratio": ratio, "threshold": threshold})
         gain = steps[-2]["active_ratio"] - ratio if len(steps) > 1 else math.inf
         if ratio <= cfg.max_active_ratio or rank >= cfg.max_rank or gain < cfg.min_gain:

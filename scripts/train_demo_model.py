@@ -197,6 +197,13 @@ def encode_stream(tok, texts: list[str]):
     return np.concatenate([np.array([0] + e.ids, dtype=np.int64) for e in tok.encode_batch(texts)])
 
 
+def autocast(device):
+    """bf16 autocast on the GPU; fp32 on the CPU (where bf16 matmuls are slow), for dry runs."""
+    import torch
+
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
 def init_weights(model, n_layers: int):
     """GPT-2 style: N(0, 0.02), residual output projections scaled by 1/sqrt(2 * n_layers)."""
     import torch
@@ -214,7 +221,7 @@ def doc_perplexity(model, tok, docs: list[str], stats: GateStats, device, max_le
     import torch.nn.functional as F
 
     nll, count, inactive = 0.0, 0, None
-    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
+    with torch.no_grad(), autocast(device):
         for doc in docs:
             ids = torch.tensor([[0] + tok.encode(doc).ids[: max_len - 1]], device=device)
             logits = model(ids[:, :-1])
@@ -234,7 +241,7 @@ def stream_perplexity(model, ids, stats: GateStats, seq_len: int, batch: int):
     n = (len(ids) - 1) // seq_len
     x, y = ids[: n * seq_len].view(n, seq_len), ids[1 : n * seq_len + 1].view(n, seq_len)
     nll = 0.0
-    with torch.no_grad(), torch.autocast(ids.device.type, dtype=torch.bfloat16):
+    with torch.no_grad(), autocast(ids.device):
         for i in range(0, n, batch):
             logits = model(x[i : i + batch])
             nll += F.cross_entropy(logits.flatten(0, 1), y[i : i + batch].flatten(), reduction="sum").item()
@@ -246,7 +253,7 @@ def greedy(model, tok, prompt: str, n_new: int, device) -> str:
     import torch
 
     ids = torch.tensor([[0] + tok.encode(prompt).ids], device=device)
-    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
+    with torch.no_grad(), autocast(device):
         for _ in range(n_new):
             nxt = model(ids, last_only=True)[0, -1].argmax()
             if nxt.item() == 0:
@@ -318,7 +325,7 @@ def train_model(args):
             group["lr"] = args.lr * lr_scale
         rows = torch.randint(0, len(train_ids) - args.seq_len - 1, (args.batch, 1), device=device) + offsets
         batch = train_ids[rows]
-        with torch.autocast(device.type, dtype=torch.bfloat16):
+        with autocast(device):
             logits = model(batch[:, :-1])
         ce = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
         l1, inactive = stats.pop()

@@ -107,11 +107,15 @@ class PlacementProblem:
         hot count below full, so a latency placement never gives a layer more (it would cost time and bytes)."""
         partial = self.allowed_hot[self.allowed_hot < self.n_ff]
         hot = np.broadcast_to(partial, (self.n_layers, len(partial)))
-        cold = self.prefix[:, -1:] - np.take_along_axis(self.prefix, hot, axis=1)
-        gpu = self.timing.layer_dense_s[:, None] + hot * self.timing.gpu_s_per_neuron
-        times = np.maximum(gpu, cold / self.timing.tokens * self.timing.cpu_s_per_neuron + self.timing.handoff_s)
-        # the first minimum after 0 (0 is always allowed and needs no bytes)
-        return partial[np.argmin(np.where(hot > 0, times, np.inf), axis=1)] if len(partial) > 1 else hot[:, 0]
+        times = np.stack([self.layer_times(hot[:, j]) for j in range(len(partial))], axis=1)
+        return partial[np.argmin(times, axis=1)]
+
+    def steps(self, objective: str) -> list[np.ndarray]:
+        """Per layer, the hot counts a placement may give it, ascending from 0."""
+        if objective == "coverage":
+            return [self.allowed_hot] * self.n_layers
+        best = self.best_latency_hot()
+        return [self.allowed_hot[(self.allowed_hot <= b) | (self.allowed_hot == self.n_ff)] for b in best]
 
     def placement(self, masks: list[np.ndarray], objective: str, status: str, gap: float | None,
                   solve_time_s: float) -> Placement:
@@ -145,22 +149,26 @@ def _check_objective(objective: str) -> None:
 
 
 def greedy_hot(problem: PlacementProblem, objective: str = "coverage") -> np.ndarray:
-    """PowerInfer's placement, kept feasible: steps between allowed hot counts (a layer's first step is its first
-    C_l neurons) taken in order of activations per neuron while they fit, each layer's in its own order. For
-    latency, no layer goes past its minimum-time prefix. With C_l inert this is PowerInfer's top groups."""
-    steps = problem.allowed_hot
-    cap = problem.best_latency_hot() if objective == "latency" else np.full(problem.n_layers, problem.n_ff)
-    gains = problem.prefix[:, steps[1:]] - problem.prefix[:, steps[:-1]]  # (L, n_steps)
-    density = gains / np.diff(steps)
+    """PowerInfer's placement, kept feasible: the steps between a layer's allowed hot counts (its first step is
+    its first C_l neurons) taken in order of activations per neuron while they fit, each layer's in its own
+    order. With C_l inert and whole groups this is PowerInfer's top groups under one neuron budget."""
+    layer_steps = problem.steps(objective)
+    layer, step, size, density = [], [], [], []
+    for i, steps in enumerate(layer_steps):
+        gains = np.diff(problem.prefix[i, steps])
+        sizes = np.diff(steps)
+        layer.append(np.full(len(sizes), i))
+        step.append(np.arange(len(sizes)))
+        size.append(sizes)
+        density.append(gains / sizes)
+    layer, step, size, density = (np.concatenate(a) for a in (layer, step, size, density))
     taken = np.zeros(problem.n_layers, dtype=np.int64)  # steps taken per layer
     left = problem.max_neurons
-    for flat in np.lexsort((np.arange(density.size), -density.ravel())):  # densest first, ties by layer, step
-        layer, j = divmod(int(flat), density.shape[1])
-        size = steps[j + 1] - steps[j]
-        if taken[layer] == j and size <= left and steps[j + 1] <= cap[layer]:
-            taken[layer] += 1
-            left -= size
-    return steps[taken]
+    for i in np.lexsort((step, layer, -density)):  # densest first, ties by layer then step
+        if taken[layer[i]] == step[i] and size[i] <= left:
+            taken[layer[i]] += 1
+            left -= size[i]
+    return np.array([steps[n] for steps, n in zip(layer_steps, taken)], dtype=np.int64)
 
 
 def greedy_placement(problem: PlacementProblem, objective: str = "coverage") -> Placement:
@@ -170,9 +178,12 @@ def greedy_placement(problem: PlacementProblem, objective: str = "coverage") -> 
     return problem.prefix_placement(hot, objective, "greedy", None, time.perf_counter() - t0)
 
 
-def _objective(placement: Placement) -> float:
-    """Larger is better."""
-    return placement.hit_rate if placement.objective == "coverage" else -placement.token_time_s
+def milp_value(problem: PlacementProblem, hot: np.ndarray, objective: str) -> float:
+    """The MILP's objective (minimised): coverage, minus the activations per token the GPU serves; latency, the
+    layers' modelled time in microseconds."""
+    if objective == "coverage":
+        return -float(problem.hot_mass(hot).sum()) / problem.timing.tokens
+    return 1e6 * float(problem.layer_times(hot).sum())
 
 
 def solve_placement(problem: PlacementProblem, objective: str = "coverage", time_limit: float = 30.0) -> Placement:
@@ -182,66 +193,67 @@ def solve_placement(problem: PlacementProblem, objective: str = "coverage", time
     start = greedy_hot(problem, objective)
     if problem.max_neurons == 0 or len(problem.allowed_hot) == 1:  # nothing can be placed
         return problem.prefix_placement(start, objective, "optimal", 0.0, time.perf_counter() - t0)
-    hot, status, gap = _solve_milp(problem, objective, start, time_limit)
-    solved = problem.prefix_placement(hot, objective, status, gap, 0.0)
-    greedy = problem.prefix_placement(start, objective, status, gap, 0.0)
-    best = solved if _objective(solved) > _objective(greedy) + 1e-12 * abs(_objective(greedy)) else greedy
-    best.solve_time_s = time.perf_counter() - t0
-    return best
+    hot, optimal, bound = _solve_milp(problem, objective, start, time_limit)
+    if hot is None or milp_value(problem, hot, objective) >= milp_value(problem, start, objective):
+        hot = start  # CBC found nothing strictly better: keep the greedy placement
+    value = milp_value(problem, hot, objective)
+    gap = 0.0 if optimal else None if bound is None else max(0.0, (value - bound) / max(abs(value), 1e-12))
+    return problem.prefix_placement(hot, objective, "optimal" if optimal else "time limit", gap,
+                                    time.perf_counter() - t0)
 
 
 def _solve_milp(problem: PlacementProblem, objective: str, start: np.ndarray, time_limit: float):
-    """(hot per layer, status, gap) from CBC, warm-started at `start`."""
+    """(hot per layer or None, proven optimal, CBC's lower bound or None), warm-started at `start`.
+
+    Per layer the allowed hot counts are 0, a block b (k_min groups: the communication constraint), b + G,
+    ..., a largest partial prefix P, and n_ff. Variables: `some` (binary: the block), k (integer: the groups
+    after it), d_g in [0, 1] with sum d_g = k (which groups), `full` (binary: the rest, n_ff - P); full <= some,
+    m full <= k <= m some. At integer some, k, full the best d are the first k groups, so d is integral.
+    """
     G, n_ff, timing = problem.group, problem.n_ff, problem.timing
-    steps = problem.allowed_hot
-    partial = steps[(steps > 0) & (steps < n_ff)] // G
-    k_min = int(partial[0]) if len(partial) else 0
-    full_ok = steps[-1] == n_ff
-    k_max = problem.best_latency_hot() // G if objective == "latency" else np.full(problem.n_layers, partial.max(initial=0))
-    sense = pulp.LpMaximize if objective == "coverage" else pulp.LpMinimize
-    lp = pulp.LpProblem("gpu_placement", sense)
-    budget, goal, start_values, chosen = [], [], [], []
-    for layer in range(problem.n_layers):
-        kmax = int(k_max[layer])
-        total = float(problem.prefix[layer, -1])
-        start_full = int(start[layer] == n_ff)
-        start_k = 0 if start_full else int(start[layer]) // G
-        full = pulp.LpVariable(f"full{layer}", cat="Binary", upBound=int(full_ok))
+    lp = pulp.LpProblem("gpu_placement", pulp.LpMinimize)  # CBC 2.10 mis-signs warm starts of -max problems
+    budget, goal, start_values, layer_vars = [], [], [], []
+    us_per_count = 1e6 * timing.cpu_s_per_neuron / timing.tokens
+    handoff_us = 1e6 * timing.handoff_s
+    for i, steps in enumerate(problem.steps(objective)):
+        if len(steps) == 1:
+            layer_vars.append(None)
+            continue
+        prefix, total = problem.prefix[i], float(problem.prefix[i, -1])
+        partial = steps[1:-1]
+        full = pulp.LpVariable(f"full{i}", cat="Binary")
+        start_full = int(start[i] == n_ff)
         start_values.append((full, start_full))
-        chosen.append((full, None))
-        neurons = [(full, float(n_ff))]
-        gpu_counts = [(full, total)]
-        if kmax:
-            k = pulp.LpVariable(f"k{layer}", 0, kmax, cat="Integer")
-            d = [pulp.LpVariable(f"d{layer}_{g}", 0, 1) for g in range(kmax)]
-            gains = problem.prefix[layer, G:(kmax + 1) * G:G] - problem.prefix[layer, 0:kmax * G:G]
+        if len(partial):
+            m = len(partial) - 1
+            some = pulp.LpVariable(f"some{i}", cat="Binary")
+            k = pulp.LpVariable(f"k{i}", 0, m, cat="Integer")
+            d = [pulp.LpVariable(f"d{i}_{g}", 0, 1) for g in range(m)]
+            lp += full - some <= 0
             lp += pulp.LpAffineExpression([(v, 1.0) for v in d] + [(k, -1.0)]) == 0
-            if k_min > 1:  # the communication constraint: k = 0 or k_min <= k, and not both partial and full
-                some = pulp.LpVariable(f"some{layer}", cat="Binary")
-                lp += k - k_min * some >= 0
-                lp += k - kmax * some <= 0
-                lp += some + full <= 1
-                start_values.append((some, int(start_k > 0)))
-            else:
-                lp += k + kmax * full <= kmax
-            neurons.append((k, float(G)))
-            chosen[-1] = (full, k)
-            gpu_counts += list(zip(d, gains.tolist()))
-            start_values += [(k, start_k)] + [(v, int(g < start_k)) for g, v in enumerate(d)]
+            lp += k - m * some <= 0
+            lp += k - m * full >= 0
+            neurons = [(some, partial[0]), (k, G), (full, n_ff - partial[-1])]
+            gains = np.diff(prefix[partial]).tolist()
+            counts = [(some, prefix[partial[0]])] + list(zip(d, gains)) + [(full, total - prefix[partial[-1]])]
+            start_k = m if start_full else int(np.searchsorted(partial, start[i])) if start[i] else 0
+            start_values += [(some, int(start[i] > 0)), (k, start_k)]  # CBC solves for d given these
+        else:
+            some = k = None
+            neurons, counts = [(full, n_ff)], [(full, total)]
+        layer_vars.append((some, k, full, partial))
         budget += neurons
-        if objective == "coverage":  # expected activations per token served by the GPU
-            goal += [(v, c / timing.tokens) for v, c in gpu_counts]
-        else:  # microseconds; t >= GPU time, t >= CPU time + hand-off (0 when full)
-            t = pulp.LpVariable(f"t{layer}", 0)
-            us_per_count = 1e6 * timing.cpu_s_per_neuron / timing.tokens
+        if objective == "coverage":
+            goal += [(v, -float(c) / timing.tokens) for v, c in counts]
+        else:  # t >= GPU time; t >= CPU time + hand-off, both 0 when full
+            t = pulp.LpVariable(f"t{i}", 0)
             lp += pulp.LpAffineExpression([(t, 1.0)] + [(v, -1e6 * timing.gpu_s_per_neuron * n) for v, n in neurons]) \
-                >= 1e6 * timing.layer_dense_s[layer]
-            cpu_full = us_per_count * total + 1e6 * timing.handoff_s
-            lp += pulp.LpAffineExpression([(t, 1.0), (full, cpu_full)] + [(v, us_per_count * c) for v, c in gpu_counts[1:]]) \
-                >= cpu_full
+                >= 1e6 * timing.layer_dense_s[i]
+            cpu_rows = [(v, us_per_count * c) for v, c in counts]
+            cpu_rows[-1] = (full, us_per_count * counts[-1][1] + handoff_us)
+            lp += pulp.LpAffineExpression([(t, 1.0)] + cpu_rows) >= us_per_count * total + handoff_us
             goal.append((t, 1.0))
-            start_values.append((t, 1e6 * float(problem.layer_times(start)[layer])))
-    lp += pulp.LpAffineExpression(budget) <= problem.max_neurons
+    lp += pulp.LpAffineExpression([(v, float(n)) for v, n in budget]) <= problem.max_neurons
     lp.setObjective(pulp.LpAffineExpression(goal))
     for var, value in start_values:
         var.setInitialValue(value)
@@ -250,6 +262,17 @@ def _solve_milp(problem: PlacementProblem, objective: str, start: np.ndarray, ti
         lp.solve(pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit, warmStart=True, logPath=log_path))
         with open(log_path) as f:
             log = f.read()
-    hot = np.array([n_ff if round(full.value() or 0) else round(k.value() or 0) * G if k is not None else 0
-                    for full, k in chosen], dtype=np.int64)
-    return hot, log, lp
+        open("/tmp/proto/log.txt", "w").write(log)  # DEBUG
+    if lp.sol_status not in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):
+        return None, False, None
+    bound = re.search(r"^Lower bound:\s*(\S+)", log, re.M)
+    hot = np.zeros(problem.n_layers, dtype=np.int64)
+    for i, chosen in enumerate(layer_vars):
+        if chosen is None:
+            continue
+        some, k, full, partial = chosen
+        if round(full.value()):
+            hot[i] = n_ff
+        elif some is not None and round(some.value()):
+            hot[i] = partial[round(k.value())]
+    return hot, lp.sol_status == pulp.LpSolutionOptimal, float(bound.group(1)) if bound else None

