@@ -110,7 +110,9 @@ def gpu_bench(timer, copy_bw, records):
             for density in DENSITIES:
                 active = [random_mask(1, n_ff, density).cuda() for _ in range(ROWS_PER_CALL)]
                 n_active = statistics.mean(int(a.sum()) for a in active)
-                weight_bytes = 3 * n_active * _row_bytes(rows)
+                # down reads only the rows whose activation is nonzero (relu zeroes about half the active ones)
+                n_nonzero = statistics.mean(int((sparse_gate_up(xi, rows, a) != 0).sum()) for xi, a in zip(x, active))
+                weight_bytes = (2 * n_active + n_nonzero) * _row_bytes(rows)
                 io_bytes = 2 * d * 2 + n_ff * (1 + 8 + 4 + 4)
                 t = timer.seconds(lambda i: sparse_ffn(x[i], rows, active[i], out=out[i]))
                 records.append(dict(device="gpu", shape=shape, weight_type=weight_type, density=density, T=1,
@@ -120,8 +122,9 @@ def gpu_bench(timer, copy_bw, records):
                     h = [torch.empty(1, n_ff, device="cuda") for _ in range(ROWS_PER_CALL)]
                     for impl, step, nbytes in (
                         ("sparse_gate_up only", lambda i: sparse_gate_up(x[i], rows, active[i], out=h[i]),
-                         2 * weight_bytes / 3),
-                        ("sparse_down only", lambda i: sparse_down(h[i], rows, out=out[i]), weight_bytes / 3),
+                         2 * n_active * _row_bytes(rows)),
+                        ("sparse_down only", lambda i: sparse_down(h[i], rows, out=out[i]),
+                         n_nonzero * _row_bytes(rows)),
                     ):
                         t = timer.seconds(step)
                         records.append(dict(device="gpu", shape=shape, weight_type=weight_type, density=density,
@@ -210,10 +213,11 @@ def cpu_bench(records, flush_bytes, shapes):
         for density in DENSITIES:
             active = [random_mask(1, n_ff, density) for _ in range(5)]
             n_active = statistics.mean(int(a.sum()) for a in active)
-            nbytes = int(3 * n_active * d * 4)
+            h = [sparse_gate_up(x, rows, a) for a in active]
+            n_nonzero = statistics.mean(int((hr != 0).sum()) for hr in h)  # the rows down reads
+            nbytes = int((2 * n_active + n_nonzero) * d * 4)
             read = seconds(lambda r: read_buf[: nbytes // 4].sum())
             base = dict(device="cpu", threads=threads, shape=shape, weight_type="f32", density=density, T=1)
-            h = [sparse_gate_up(x, rows, a) for a in active]
             for impl, step in (
                 ("sparse_ffn", lambda r: sparse_ffn(x, rows, active[r])),
                 ("sparse_gate_up only", lambda r: sparse_gate_up(x, rows, active[r])),
@@ -221,7 +225,8 @@ def cpu_bench(records, flush_bytes, shapes):
                 ("torch gather-then-matmul reference", lambda r: sparse_ffn_reference(x, gate, up, down_t, idx, active[r])),
             ):
                 t = seconds(step)
-                part = {"sparse_gate_up only": 2 / 3, "sparse_down only": 1 / 3}.get(impl, 1)
+                part = {"sparse_gate_up only": 2 * n_active * d * 4 / nbytes,
+                        "sparse_down only": n_nonzero * d * 4 / nbytes}.get(impl, 1)
                 records.append(base | dict(impl=impl, us=t * 1e6, bytes=nbytes * part, GBs=nbytes * part / t / 1e9,
                                            ceiling_GBs=nbytes / read / 1e9))
             if density in (0.1, 0.3):  # the gather chunk size
@@ -230,7 +235,7 @@ def cpu_bench(records, flush_bytes, shapes):
                     cpu_backend.CHUNK_BYTES = chunk
                     t = seconds(lambda r: sparse_gate_up(x, rows, active[r]))
                     records.append(base | dict(impl=f"sparse_gate_up only, chunk {chunk >> 20} MiB", us=t * 1e6,
-                                               bytes=nbytes * 2 / 3, GBs=nbytes * 2 / 3 / t / 1e9,
+                                               bytes=2 * n_active * d * 4, GBs=2 * n_active * d * 4 / t / 1e9,
                                                ceiling_GBs=nbytes / read / 1e9))
                 cpu_backend.CHUNK_BYTES = default
         del gate, up, down_t, rows, read_buf

@@ -16,7 +16,7 @@ from powerinfer_py.model import ffn_activation
 from .rows import FFNRows
 
 CHUNK_BYTES = 8 << 20  # gathered bytes per matrix per chunk: stays in L2/L3 between the copy and the product
-DENSE_FRACTION = 0.6  # from this share of active rows on, multiply all rows instead of gathering
+DENSE_FRACTION = 0.35  # from this share of active rows on, multiply all rows (measured: kernels/BENCHMARKS_kernels.md)
 
 
 class CpuBackend:

@@ -152,7 +152,6 @@ def build_hybrid(ckpt: Checkpoint, device, dtype, budget: int | None = None, pre
         raise BudgetError(f"CUDA ran out of memory while loading under a {format_bytes(budget)} budget "
                           f"(the GPU has {format_bytes(torch.cuda.mem_get_info(device)[0])} free now); "
                           "try a smaller --vram-budget") from None
-    model.graph_capturable = not any(layer.feed_forward.splits for layer in model.layers)
     return HybridSetup(model, ledger, gpu_masks, budget or 0, counters, source)
 
 

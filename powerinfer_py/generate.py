@@ -45,8 +45,8 @@ class Generator:
         self.max_len = max_len
         self.prefill_chunk = prefill_chunk
         model.setup_caches(1, max_len)
-        self.use_graph = use_cuda_graph and self.device.type == "cuda" and getattr(model, "graph_capturable", True)
-        self.graphs = {}  # attended cache length -> (CUDA graph, its logits buffer)
+        self.use_graph = use_cuda_graph and self.device.type == "cuda"
+        self.graphs = {}  # attended cache length -> replay function of its captured step
 
     # -- one forward over a chunk of tokens at positions [start, start+T)
     def prefill(self, tokens: list[int], start: int = 0) -> torch.Tensor:
@@ -62,20 +62,6 @@ class Generator:
         step reads the filled part of the cache, not all of it, with one graph per bucket."""
         return min(self.max_len, max(256, 1 << pos.bit_length()))
 
-    def _capture(self, kv_len: int):
-        """Capture the step whose token and position are in the static buffers: the warm-up runs that very
-        step, so what it writes into the KV cache is what the replay writes."""
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):  # warm-up outside the graph, as torch's graph docs require
-            for _ in range(2):
-                self.model(self.static_token, self.static_pos, kv_len=kv_len)
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            logits = self.model(self.static_token, self.static_pos, kv_len=kv_len)
-        self.graphs[kv_len] = (graph, logits)
-
     def decode(self, token: int, pos: int) -> torch.Tensor:
         """Logits (vocab,) after feeding `token` at position `pos`."""
         if not self.use_graph:
@@ -89,10 +75,8 @@ class Generator:
         self.static_pos.fill_(pos)
         kv_len = self._bucket(pos)
         if kv_len not in self.graphs:
-            self._capture(kv_len)
-        graph, logits = self.graphs[kv_len]
-        graph.replay()
-        return logits[0, -1]
+            self.graphs[kv_len] = capture_decode(self.model, self.static_token, self.static_pos, kv_len, self.pool)
+        return self.graphs[kv_len]()[0, -1]
 
     @torch.inference_mode()
     def generate(self, prompt: list[int], max_new_tokens: int, params: SamplingParams | None = None,
@@ -125,3 +109,85 @@ class Generator:
         stats.generate_seconds = time.perf_counter() - t0
         stats.generated_tokens = len(out)
         return out, stats
+
+
+def capture_decode(model, token, pos, kv_len: int, pool):
+    """CUDA graphs for one decode step; returns replay() -> logits. A dense model is one graph. In a hybrid
+    model each FFN that splits between GPU and CPU cuts the step: graph (attention ... copies to the host),
+    event, graph (hot rows), CPU cold rows, graph (add the cold result ... next layer), and so on.
+    `token` and `pos` are the static inputs and must hold the step about to run: the warm-up runs that very
+    step, so what it writes into the KV cache is what the replay writes."""
+    state = {}
+
+    def start():
+        state["x"], state["cos"], state["sin"] = model.embed(token, pos)
+
+    def attend(block):
+        def run():
+            state["h"], state["x_ffn"], state["active"] = block.attend(state["x"], state["cos"], state["sin"], pos, kv_len)
+        return run
+
+    def ffn(block):
+        def run():
+            state["x"] = state["h"] + block.feed_forward(state["x_ffn"], state["active"])
+        return run
+
+    def send(ff):
+        def run():
+            state["x_ffn"], state["active"] = ff.prepare(state["x_ffn"], state["active"])
+            ff.send(state["x_ffn"], state["active"])
+        return run
+
+    def gpu_part(ff):
+        def run():
+            state["y_hot"] = ff.gpu_part(state["x_ffn"], state["active"])
+        return run
+
+    def receive(ff):
+        def run():
+            state["x"] = state["h"] + ff.receive(state["y_hot"]).view_as(state["h"])
+        return run
+
+    def head():
+        state["logits"] = model.head(state["x"])
+
+    # segments of GPU work; after each, the host records an event or runs an FFN's CPU part
+    plan, current = [], [start]
+    for block in model.layers:
+        current.append(attend(block))
+        ff = block.feed_forward
+        if getattr(ff, "splits", False):
+            plan += [(current + [send(ff)], ff.copied.record), ([gpu_part(ff)], lambda ff=ff: ff.cpu_part(1))]
+            current = [receive(ff)]
+        else:
+            current.append(ffn(block))
+    plan.append((current + [head], None))
+
+    def run(segment, host_step):
+        for fn in segment:
+            fn()
+        if host_step is not None:
+            host_step()
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the graphs, as torch's graph docs require
+        for segment, host_step in plan:
+            run(segment, host_step)
+    torch.cuda.current_stream().wait_stream(side)
+    graphs = []
+    for segment, host_step in plan:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            run(segment, None)
+        graphs.append((graph, host_step))
+    logits = state["logits"]
+
+    def replay():
+        for graph, host_step in graphs:
+            graph.replay()
+            if host_step is not None:
+                host_step()
+        return logits
+
+    return replay

@@ -1,10 +1,12 @@
 """The hybrid FFN: one layer's neurons split between the GPU (hot rows) and the CPU (cold rows), both halves
 computed at the same time from the same predictor mask, partial outputs added on the GPU.
 
-Per layer and call:  GPU: copy x and the mask to pinned host buffers, record an event, launch the hot rows'
-kernels (queued, running)  |  CPU: wait for the event, compute the cold rows, copy the result back (pinned,
-non-blocking)  |  GPU: y = y_hot + y_cold.  The module keeps model.FeedForward's signature, so the model code
-does not change; kernels come from the `kernels` registry."""
+Per layer and call:  GPU: copy x and the mask to pinned host buffers (`send`), record an event, launch the
+hot rows' kernels (`gpu_part`, queued and running)  |  CPU: wait for the event, compute the cold rows
+(`cpu_part`)  |  GPU: copy the cold result back, pinned and non-blocking, and add it (`receive`).
+The module keeps model.FeedForward's signature, so the model code does not change; kernels come from the
+`kernels` registry. For decode on CUDA, generate.capture_decode turns a split model's step into two CUDA graphs per
+layer with the CPU's work between them."""
 from __future__ import annotations
 
 import time
@@ -17,24 +19,48 @@ from kernels import FFNRows, sparse_ffn
 
 
 class HostBuffers:
-    """Pinned host buffers shared by all layers (a layer finishes with them before the next one starts)."""
+    """Pinned host buffers shared by all layers (a layer is done with them before the next one starts). The
+    one-token buffers never move, so CUDA graphs can copy to and from them."""
 
     def __init__(self, dim: int, n_ff: int, dtype):
         self.dim, self.n_ff, self.dtype = dim, n_ff, dtype
-        self.x = self.active = self.y = None
+        self.by_size: dict[str, tuple] = {}
+
+    def _alloc(self, T: int):
+        pin = torch.cuda.is_available()
+        return (torch.empty((T, self.dim), dtype=self.dtype, pin_memory=pin),
+                torch.empty((T, self.n_ff), dtype=torch.bool, pin_memory=pin),
+                torch.empty((T, self.dim), dtype=self.dtype, pin_memory=pin))
 
     def get(self, T: int):
-        if self.x is None or self.x.shape[0] < T:
-            pin = torch.cuda.is_available()
-            self.x = torch.empty((T, self.dim), dtype=self.dtype, pin_memory=pin)
-            self.active = torch.empty((T, self.n_ff), dtype=torch.bool, pin_memory=pin)
-            self.y = torch.empty((T, self.dim), dtype=self.dtype, pin_memory=pin)
-        return self.x[:T], self.active[:T], self.y[:T]
+        key = "decode" if T == 1 else "prefill"
+        if key not in self.by_size or self.by_size[key][0].shape[0] < T:
+            self.by_size[key] = self._alloc(T)
+        return tuple(b[:T] for b in self.by_size[key])
+
+
+class HybridCounters:
+    """GPU hit rate (share of active neurons served on the GPU) and host time in cold-row compute. The sums
+    stay on the GPU until read, so counting adds no synchronisation (and is captured in graphs)."""
+
+    def __init__(self, device):
+        self.active = torch.zeros((), dtype=torch.long, device=device)
+        self.hits = torch.zeros((), dtype=torch.long, device=device)
+        self.cpu_seconds = 0.0
+
+    def count(self, active, gpu_mask):
+        self.active += active.sum()
+        self.hits += (active & gpu_mask).sum()
+
+    @property
+    def hit_rate(self) -> float:
+        total = int(self.active)
+        return int(self.hits) / total if total else float("nan")
 
 
 class HybridFeedForward(nn.Module):
     def __init__(self, gpu_rows: FFNRows | None, cpu_rows: FFNRows | None, n_ff: int, act: str, threshold: float,
-                 host: HostBuffers | None, counters: "HybridCounters | None" = None):
+                 host: HostBuffers | None, counters: HybridCounters | None = None):
         super().__init__()
         self.gpu_rows, self.cpu_rows, self.n_ff = gpu_rows, cpu_rows, n_ff
         self.act, self.threshold, self.host, self.counters = act, threshold, host, counters
@@ -51,46 +77,46 @@ class HybridFeedForward(nn.Module):
 
     def forward(self, x, active=None):
         shape = x.shape
-        x = x.reshape(-1, shape[-1])
+        x, active = self.prepare(x, active)
+        if not self.splits:
+            rows = self.gpu_rows if self.gpu_rows is not None else self.cpu_rows
+            return sparse_ffn(x, rows, active, self.act, self.threshold).view(shape)
+        self.send(x, active)
+        self.copied.record()
+        y = self.gpu_part(x, active)
+        self.cpu_part(x.shape[0])
+        return self.receive(y).view(shape)
+
+    def prepare(self, x, active):
+        """(T, d) input and (T, n_ff) mask (all True without a predictor); counts GPU hits."""
+        x = x.reshape(-1, x.shape[-1])
         if active is None:  # no predictor: every neuron computes (dense, exact)
             active = torch.ones((x.shape[0], self.n_ff), dtype=torch.bool, device=x.device)
         active = active.reshape(-1, self.n_ff)
         if self.counters is not None and hasattr(self, "gpu_mask"):
             self.counters.count(active, self.gpu_mask)
-        if not self.splits:
-            rows = self.gpu_rows if self.gpu_rows is not None else self.cpu_rows
-            return sparse_ffn(x, rows, active, self.act, self.threshold).view(shape)
-        x_host, active_host, y_host = self.host.get(x.shape[0])
+        return x, active
+
+    def send(self, x, active):
+        x_host, active_host, _ = self.host.get(x.shape[0])
         x_host.copy_(x, non_blocking=True)
         active_host.copy_(active, non_blocking=True)
-        self.copied.record()
-        y = sparse_ffn(x, self.gpu_rows, active, self.act, self.threshold)  # queued: runs while the CPU works
+
+    def gpu_part(self, x, active):
+        return sparse_ffn(x, self.gpu_rows, active, self.act, self.threshold)
+
+    def cpu_part(self, T: int):
+        """Wait for the copies of `send`, then compute the cold rows into the pinned output buffer."""
+        x_host, active_host, y_host = self.host.get(T)
         self.copied.synchronize()
         t0 = time.perf_counter()
         sparse_ffn(x_host, self.cpu_rows, active_host, self.act, self.threshold, out=y_host)
         if self.counters is not None:
             self.counters.cpu_seconds += time.perf_counter() - t0
-        y += y_host.to(y.device, non_blocking=True)
-        return y.view(shape)
 
-
-class HybridCounters:
-    """GPU hit rate (share of active neurons served on the GPU) and host time in cold-row compute. The sums
-    stay on the GPU until read, so counting adds no synchronisation."""
-
-    def __init__(self, device):
-        self.active = torch.zeros((), dtype=torch.long, device=device)
-        self.hits = torch.zeros((), dtype=torch.long, device=device)
-        self.cpu_seconds = 0.0
-
-    def count(self, active, gpu_mask):
-        self.active += active.sum()
-        self.hits += (active & gpu_mask).sum()
-
-    @property
-    def hit_rate(self) -> float:
-        total = int(self.active)
-        return int(self.hits) / total if total else float("nan")
+    def receive(self, y):
+        y_host = self.host.get(y.shape[0])[2]
+        return y + y_host.to(y.device, non_blocking=True)
 
 
 def split_rows(gate, up, down, gpu_mask: np.ndarray, device, gpu_weight_type: str):

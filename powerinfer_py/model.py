@@ -202,10 +202,16 @@ class Block(nn.Module):
         self.feed_forward = FeedForward(cfg)
         self.predictor: Predictor | None = None  # set when running sparse
 
-    def forward(self, x, cos, sin, input_pos, kv_len):
+    def attend(self, x, cos, sin, input_pos, kv_len):
+        """The residual after attention, and the FFN's input and active mask (the predictor reads the residual
+        before ffn_norm, as PowerInfer does)."""
         h = x + self.attention(self.attention_norm(x), cos, sin, input_pos, kv_len)
-        active = self.predictor(h) if self.predictor is not None else None  # input: residual before ffn_norm
-        return h + self.feed_forward(self.ffn_norm(h), active)
+        active = self.predictor(h) if self.predictor is not None else None
+        return h, self.ffn_norm(h), active
+
+    def forward(self, x, cos, sin, input_pos, kv_len):
+        h, x_ffn, active = self.attend(x, cos, sin, input_pos, kv_len)
+        return h + self.feed_forward(x_ffn, active)
 
 
 class Transformer(nn.Module):
@@ -235,10 +241,13 @@ class Transformer(nn.Module):
         None attends over the whole cache under the mask (static shapes for graphs)."""
         if input_pos is None:
             input_pos = torch.arange(tokens.shape[1], device=tokens.device)
-        cos, sin = rope_cos_sin(self.config, self.inv_freq, self.rope_scale, input_pos)
-        x = self.tok_embeddings(tokens)
+        x, cos, sin = self.embed(tokens, input_pos)
         for layer in self.layers:
             x = layer(x, cos, sin, input_pos, kv_len)
-        if last_only:
-            x = x[:, -1:]
+        return self.head(x[:, -1:] if last_only else x)
+
+    def embed(self, tokens, input_pos):
+        return self.tok_embeddings(tokens), *rope_cos_sin(self.config, self.inv_freq, self.rope_scale, input_pos)
+
+    def head(self, x):
         return self.output(self.norm(x)).float()

@@ -259,7 +259,7 @@ def _solve_milp(problem: PlacementProblem, objective: str, start: np.ndarray, ti
         var.setInitialValue(value)
     with tempfile.TemporaryDirectory() as tmp:
         log_path = os.path.join(tmp, "cbc.log")
-        lp.solve(pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit, warmStart=True, logPath=log_path))
+        lp.solve(pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit, warmStart=True, logPath=log_path, keepFiles=True))  # DEBUG
         with open(log_path) as f:
             log = f.read()
         open("/tmp/proto/log.txt", "w").write(log)  # DEBUG

@@ -31,10 +31,11 @@ def shared_path(*parts):
 
 @pytest.fixture(scope="session")
 def relu_smollm2_dir():
-    """The real relu-smollm2-135m as a Hugging Face checkpoint (fp16), materialised once into .cache/."""
-    shared_path("models", "relu-smollm2-135m", "materialize.py")
+    """The real relu-smollm2-135m as a Hugging Face checkpoint (fp16), materialised once into .cache/ (or
+    $POWERINFER_TEST_CACHE, where the device's copy is put)."""
     dest = os.path.join(CACHE, "relu-smollm2-135m")
     if not os.path.exists(os.path.join(dest, "model.safetensors")):
+        shared_path("models", "relu-smollm2-135m", "materialize.py")
         os.makedirs(CACHE, exist_ok=True)
         subprocess.run([sys.executable, os.path.join(SHARED_MODEL, "materialize.py"), dest], check=True,
                        stdout=subprocess.DEVNULL)

@@ -8,6 +8,7 @@ from kernels.cases import random_mask, random_share
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 pytest.importorskip("cupy")
+from kernels import cuda as cuda_backend  # noqa: E402
 
 WEIGHT_TYPES = ["f32", "f16", "bf16", "q8_0", "q4_0"]
 # The sparse kernels multiply the exact weights in fp32; only the output cast and the dense (cuBLAS, weight
@@ -31,16 +32,21 @@ def test_backend_is_cuda():
     assert get_backend("cuda").name == "cuda"
 
 
+@pytest.mark.parametrize("path", ["sparse", "dense"])
 @pytest.mark.parametrize("weight_type", WEIGHT_TYPES)
 @pytest.mark.parametrize("T", [1, 3, 8, 11, 20])
-def test_ffn_matches_reference(weight_type, T):
+def test_ffn_matches_reference(weight_type, T, path, monkeypatch):
+    """The sparse kernels (token tiles of up to 8, several launches past 8) and the dense-GEMM switch."""
+    monkeypatch.setattr(cuda_backend, "DENSE_MIN_TOKENS", 1 if path == "dense" else 1 << 30)
+    dense = path == "dense" and weight_type in DENSE_RTOL
+    if path == "dense" and not dense:
+        pytest.skip("quantized rows always take the sparse kernels")
     rows, (gate, up, down_t) = case(weight_type)
     for act, threshold, density in [("relu", 0.0, 0.1), ("drelu", 0.0, 0.3), ("silu", 0.0, 0.5), ("relu", 0.4, 1.0)]:
         x, active = torch.randn(T, rows.d, device="cuda"), random_mask(T, 2500, density).cuda()
         h = torch.full((T, rows.m), float("nan"), device="cuda")
         sparse_gate_up(x, rows, active, act, threshold, out=h)
         h_ref = sparse_gate_up_reference(x.double(), gate, up, rows.neuron_idx, active, act, threshold)
-        dense = T >= 16 and weight_type in DENSE_RTOL
         assert rel_err(h, h_ref) < (DENSE_RTOL[weight_type] if dense else 2e-6), (act, density)
         assert (h[~active[:, rows.neuron_idx]] == 0).all()
         y = torch.full((T, rows.d), float("nan"), device="cuda")

@@ -72,10 +72,17 @@ def can_encode(shape: tuple[int, ...], ggml_type: GGMLQuantizationType) -> bool:
 
 
 def encode(array: np.ndarray, ggml_type: GGMLQuantizationType) -> np.ndarray:
-    """Convert a float or integer array to the bytes (or elements) stored for `ggml_type`."""
+    """Convert a float or integer array to the bytes (or elements) stored for `ggml_type`. Block types are
+    quantized a few million values at a time, so the float32 temporaries stay small."""
     if ggml_type in _NUMPY:
         return np.ascontiguousarray(array, dtype=_NUMPY[ggml_type])
-    return quants.quantize(np.ascontiguousarray(array, dtype=np.float32), ggml_type)
+    rows = array.reshape(-1, array.shape[-1])
+    block, type_size = GGML_QUANT_SIZES[ggml_type]
+    out = np.empty((len(rows), rows.shape[1] // block * type_size), dtype=np.uint8)
+    step = max(1, (4 << 20) // rows.shape[1])
+    for start in range(0, len(rows), step):
+        out[start:start + step] = quants.quantize(rows[start:start + step].astype(np.float32), ggml_type)
+    return out.reshape(*array.shape[:-1], -1)
 
 
 def _pad(n: int, alignment: int) -> int:

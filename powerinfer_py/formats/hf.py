@@ -41,47 +41,58 @@ def rename(name: str, table: dict[str, str]) -> str | None:
 
 
 class HFTensors:
-    """Lazy, random access to the tensors of a Hugging Face folder by their HF names."""
+    """Lazy, random access to the tensors of a Hugging Face folder by their HF names.
+
+    A safetensors file is opened anew for each read: a handle kept open keeps every page it has read mapped,
+    so a converter's resident memory would grow to the size of the model."""
 
     def __init__(self, folder: str):
         self.folder = folder
         self._files: dict[str, str] = {}  # hf name -> file
-        self._open: dict[str, object] = {}  # file -> safe_open handle or mmap'ed state dict
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        self._bins: dict[str, dict] = {}  # pytorch_model*.bin -> its memory-mapped state dict
         for path in _weight_files(folder):
-            handle = self._handle(path)
-            for name in handle.keys():
-                self._files[name] = path
+            if path.endswith(".safetensors"):
+                with _safe_open(path) as f:
+                    shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+            else:
+                shapes = {name: tuple(t.shape) for name, t in self._bin(path).items()}
+            self._shapes.update(shapes)
+            self._files.update(dict.fromkeys(shapes, path))
 
     @property
     def names(self) -> list[str]:
         return [n for n in self._files if not IGNORED.match(n)]
 
     def shape(self, name: str) -> tuple[int, ...]:
-        handle = self._handle(self._files[name])
-        if isinstance(handle, dict):
-            return tuple(handle[name].shape)
-        return tuple(handle.get_slice(name).get_shape())
+        return self._shapes[name]
 
     def get(self, name: str) -> torch.Tensor:
         path = self._files[name]
-        handle = self._handle(path)
-        try:
-            return handle[name] if isinstance(handle, dict) else handle.get_tensor(name)
-        except Exception as e:  # safetensors raises its own error types for truncated data
-            raise ModelFormatError(f"{path}: cannot read tensor {name} ({e})") from None
-
-    def _handle(self, path: str):
-        if path not in self._open:
+        if not path.endswith(".safetensors"):
+            return self._bin(path)[name]
+        with _safe_open(path) as f:
             try:
-                if path.endswith(".safetensors"):
-                    from safetensors import safe_open
+                return f.get_tensor(name)
+            except Exception as e:  # safetensors raises its own error types for truncated data
+                raise ModelFormatError(f"{path}: cannot read tensor {name} ({e})") from None
 
-                    self._open[path] = safe_open(path, framework="pt")
-                else:  # zip-format torch checkpoints memory-map, so this reads nothing yet
-                    self._open[path] = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    def _bin(self, path: str) -> dict:
+        if path not in self._bins:  # zip-format torch checkpoints memory-map, so this reads nothing yet
+            try:
+                self._bins[path] = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             except Exception as e:
                 raise ModelFormatError(f"{path}: cannot read weights ({e.__class__.__name__}: {e})") from None
-        return self._open[path]
+        return self._bins[path]
+
+
+def _safe_open(path: str):
+    from safetensors import safe_open
+
+    try:
+        return safe_open(path, framework="pt")
+    except Exception as e:
+        raise ModelFormatError(f"{path}: cannot read weights ({e.__class__.__name__}: {e})") from None
 
 
 def _weight_files(folder: str) -> list[str]:
