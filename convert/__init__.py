@@ -1,2 +1,2 @@
 """Model conversion: Hugging Face checkpoints to PowerInfer sparse GGUF or plain llama.cpp GGUF."""
-from .convert import OUTTYPES, convert
+from .hf_to_gguf import OUTTYPES, convert

@@ -7,7 +7,7 @@ import sys
 from powerinfer_py.errors import InputError, PowerInferError
 from powerinfer_py.formats.gguf import read_gguf
 
-from .convert import OUTTYPES, convert
+from .hf_to_gguf import OUTTYPES, convert
 from .inspect import describe
 
 

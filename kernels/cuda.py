@@ -37,11 +37,6 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _resident_blocks(kernel, index: int) -> int:
-    """Blocks of THREADS that fit on the GPU at once, as the kernel's registers allow."""
-    return _sm_count(index) * max(1, min(2048 // THREADS, 65536 // (max(kernel.num_regs, 1) * THREADS)))
-
-
 def _ptr(t: torch.Tensor) -> np.uint64:
     return np.uint64(t.data_ptr())
 
@@ -82,7 +77,7 @@ class CudaBackend:
                     _ptr(rows.neuron_idx), np.int32(rows.m), _ptr(active[t0]), np.int64(active.shape[1]),
                     _ptr(xf[t0]), np.int32(rows.d), np.int32(xf.shape[1]), np.int32(n), np.int32(ACT_CODES[act]),
                     np.float32(threshold), _ptr(h[t0]), np.int32(full))
-            _launch(kernel, (min(-(-rows.m // 8), _resident_blocks(kernel, x.device.index)),), args, x.device)
+            _launch(kernel, (-(-rows.m // 8),), args, x.device)
 
     def down(self, h, rows: FFNRows, y):
         """y (T, d) = h @ down_t over the rows with h != 0; fp32 partial sums per row split, reduced in order."""

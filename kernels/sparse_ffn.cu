@@ -90,16 +90,17 @@ __device__ __forceinline__ float ffn_activation(float g, float u, int act, float
 }
 
 // h[t, j] (compact, stride m) or h[t, neuron_idx[j]] (full, stride n_ff) = activation of row j for token t,
-// 0 where active[t, neuron_idx[j]] is false. One warp per row, the grid striding over rows (sized to be resident
-// at once, so the rare active rows never wait for a second wave); a row no token needs is never read.
+// 0 where active[t, neuron_idx[j]] is false. One warp per row (warps of inactive rows retire at once, so the
+// active rows' warps fill the GPU); a row no token needs is never read.
 template <int WT, int TT>
 __global__ void __launch_bounds__(256) gate_up(
     const unsigned char* __restrict__ gate, const unsigned char* __restrict__ up, long long row_bytes,
     const long long* __restrict__ neuron_idx, int m, const bool* __restrict__ active, long long n_ff,
     const float* __restrict__ x, int d, int x_stride, int T, int act, float threshold,
     float* __restrict__ h, int full) {
+  const int j = blockIdx.x * WARPS + (threadIdx.x >> 5);
   const int lane = threadIdx.x & 31;
-  for (int j = blockIdx.x * WARPS + (threadIdx.x >> 5); j < m; j += gridDim.x * WARPS) {
+  if (j >= m) return;
   const long long n = neuron_idx[j];
   bool on[TT];
   bool any = false;
@@ -151,7 +152,6 @@ __global__ void __launch_bounds__(256) gate_up(
         else h[(long long)t * m + j] = a;
       }
     }
-  }
   }
 }
 

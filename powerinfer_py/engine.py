@@ -145,7 +145,7 @@ def build_hybrid(ckpt: Checkpoint, device, dtype, budget: int | None = None, pre
                                             ckpt.tensors[p + "w_down.weight"], np.asarray(gpu_masks[i], dtype=bool),
                                             device, gpu_weight_type or dense_type)
             layer.feed_forward = HybridFeedForward(gpu_rows, cpu_rows, cfg.n_ff, cfg.ffn_act, cfg.ffn_threshold,
-                                                   host, counters)
+                                                   device, host, counters)
     except torch.OutOfMemoryError:
         model = None
         torch.cuda.empty_cache()

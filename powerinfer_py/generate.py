@@ -120,11 +120,12 @@ def capture_decode(model, token, pos, kv_len: int, pool):
     state = {}
 
     def start():
-        state["x"], state["cos"], state["sin"] = model.embed(token, pos)
+        state["x"], state["cos"], state["sin"], state["mask"] = model.embed(token, pos, kv_len)
 
     def attend(block):
         def run():
-            state["h"], state["x_ffn"], state["active"] = block.attend(state["x"], state["cos"], state["sin"], pos, kv_len)
+            state["h"], state["x_ffn"], state["active"] = block.attend(state["x"], state["cos"], state["sin"], pos,
+                                                                       kv_len, state["mask"])
         return run
 
     def ffn(block):

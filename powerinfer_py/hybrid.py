@@ -60,20 +60,17 @@ class HybridCounters:
 
 class HybridFeedForward(nn.Module):
     def __init__(self, gpu_rows: FFNRows | None, cpu_rows: FFNRows | None, n_ff: int, act: str, threshold: float,
-                 host: HostBuffers | None, counters: HybridCounters | None = None):
+                 device, host: HostBuffers | None = None, counters: HybridCounters | None = None):
+        """device: where the model runs; on CUDA, gpu_rows live there and cpu_rows are the cold rows."""
         super().__init__()
         self.gpu_rows, self.cpu_rows, self.n_ff = gpu_rows, cpu_rows, n_ff
         self.act, self.threshold, self.host, self.counters = act, threshold, host, counters
-        if gpu_rows is not None and gpu_rows.device.type == "cuda":
+        self.splits = cpu_rows is not None and torch.device(device).type == "cuda"  # the call crosses PCIe
+        if torch.device(device).type == "cuda":
             self.copied = torch.cuda.Event()
-            self.register_buffer("gpu_mask", torch.zeros(n_ff, dtype=torch.bool, device=gpu_rows.device),
-                                 persistent=False)
-            self.gpu_mask[gpu_rows.neuron_idx] = True
-
-    @property
-    def splits(self) -> bool:
-        """Both devices hold rows: the call crosses PCIe."""
-        return self.cpu_rows is not None and self.gpu_rows is not None and self.gpu_rows.device.type == "cuda"
+            self.register_buffer("gpu_mask", torch.zeros(n_ff, dtype=torch.bool, device=device), persistent=False)
+            if gpu_rows is not None:
+                self.gpu_mask[gpu_rows.neuron_idx] = True
 
     def forward(self, x, active=None):
         shape = x.shape
@@ -103,6 +100,8 @@ class HybridFeedForward(nn.Module):
         active_host.copy_(active, non_blocking=True)
 
     def gpu_part(self, x, active):
+        if self.gpu_rows is None:
+            return torch.zeros_like(x)
         return sparse_ffn(x, self.gpu_rows, active, self.act, self.threshold)
 
     def cpu_part(self, T: int):

@@ -22,9 +22,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        # normalised in fp32 and rounded once, then scaled in x's dtype (as transformers does); one fused kernel
+        return F.rms_norm(x, (x.shape[-1],), eps=self.eps) * self.weight
 
 
 # ---------------------------------------------------------------- rotary embeddings
@@ -81,9 +80,10 @@ def rope_inv_freq(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
     return inv_freq.float(), float(scale)
 
 
-def rope_cos_sin(cfg: ModelConfig, inv_freq: torch.Tensor, scale: float, input_pos: torch.Tensor):
-    """cos/sin for the given positions. Dynamic NTK grows the base with the longest position, as transformers
-    does; the computation stays on tensors so a CUDA graph can capture it."""
+def rope_cos_sin(cfg: ModelConfig, inv_freq: torch.Tensor, scale: float, input_pos: torch.Tensor, dtype):
+    """cos and sign-folded sin (see apply_rope) in `dtype` for the given positions. Dynamic NTK grows the base
+    with the longest position, as transformers does; the computation stays on tensors so a CUDA graph can
+    capture it."""
     s = cfg.rope_scaling or {}
     if s.get("rope_type") == "dynamic":
         dim, factor = cfg.head_dim, s["factor"]
@@ -93,15 +93,14 @@ def rope_cos_sin(cfg: ModelConfig, inv_freq: torch.Tensor, scale: float, input_p
         exponent = torch.arange(0, dim, 2, dtype=torch.float64, device=input_pos.device) / dim
         inv_freq = (1.0 / base ** exponent).float()
     freqs = input_pos.float()[:, None] * inv_freq[None, :]
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos() * scale, emb.sin() * scale
+    cos, sin = freqs.cos() * scale, freqs.sin() * scale
+    return torch.cat((cos, cos), dim=-1).to(dtype), torch.cat((-sin, sin), dim=-1).to(dtype)
 
 
-def apply_rope(x, cos, sin):
-    """x: (B, H, T, hd); rotate-half convention (Hugging Face layout)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+def apply_rope(x, cos, signed_sin):
+    """Rotate-half RoPE (Hugging Face layout), x: (B, H, T, hd). rotate_half(x) * sin equals
+    roll(x, hd/2) * signed_sin with the first half of sin negated: three kernels instead of six."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), signed_sin)
 
 
 # ---------------------------------------------------------------- attention with a preallocated KV cache
@@ -129,7 +128,7 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x, cos, sin, input_pos, kv_len: int | None):
+    def forward(self, x, cos, sin, input_pos, kv_len: int | None, mask=None):
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -139,10 +138,9 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=True)
         else:
             k, v = self.kv_cache.update(input_pos, k, v)
-            if kv_len is not None:  # eager calls attend only to the filled part of the cache
+            if kv_len is not None:  # attend only to the first kv_len positions of the cache
                 k, v = k[:, :, :kv_len], v[:, :, :kv_len]
-            mask = torch.arange(k.shape[2], device=x.device)[None, :] <= input_pos[:, None]
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[None, None], enable_gqa=True)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -202,15 +200,15 @@ class Block(nn.Module):
         self.feed_forward = FeedForward(cfg)
         self.predictor: Predictor | None = None  # set when running sparse
 
-    def attend(self, x, cos, sin, input_pos, kv_len):
+    def attend(self, x, cos, sin, input_pos, kv_len, mask=None):
         """The residual after attention, and the FFN's input and active mask (the predictor reads the residual
         before ffn_norm, as PowerInfer does)."""
-        h = x + self.attention(self.attention_norm(x), cos, sin, input_pos, kv_len)
+        h = x + self.attention(self.attention_norm(x), cos, sin, input_pos, kv_len, mask)
         active = self.predictor(h) if self.predictor is not None else None
         return h, self.ffn_norm(h), active
 
-    def forward(self, x, cos, sin, input_pos, kv_len):
-        h, x_ffn, active = self.attend(x, cos, sin, input_pos, kv_len)
+    def forward(self, x, cos, sin, input_pos, kv_len, mask=None):
+        h, x_ffn, active = self.attend(x, cos, sin, input_pos, kv_len, mask)
         return h + self.feed_forward(x_ffn, active)
 
 
@@ -226,6 +224,7 @@ class Transformer(nn.Module):
             self.output.weight = self.tok_embeddings.weight
         inv_freq, self.rope_scale = rope_inv_freq(cfg)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.max_len = 0  # KV cache length, 0: no cache (setup_caches)
 
     def setup_caches(self, batch: int, max_len: int, dtype=None, device=None):
         """Preallocate the KV cache (static shapes, so decode can be captured in a CUDA graph)."""
@@ -241,13 +240,19 @@ class Transformer(nn.Module):
         None attends over the whole cache under the mask (static shapes for graphs)."""
         if input_pos is None:
             input_pos = torch.arange(tokens.shape[1], device=tokens.device)
-        x, cos, sin = self.embed(tokens, input_pos)
+        x, cos, sin, mask = self.embed(tokens, input_pos, kv_len)
         for layer in self.layers:
-            x = layer(x, cos, sin, input_pos, kv_len)
+            x = layer(x, cos, sin, input_pos, kv_len, mask)
         return self.head(x[:, -1:] if last_only else x)
 
-    def embed(self, tokens, input_pos):
-        return self.tok_embeddings(tokens), *rope_cos_sin(self.config, self.inv_freq, self.rope_scale, input_pos)
+    def embed(self, tokens, input_pos, kv_len=None):
+        """Token embeddings, RoPE cos/sin and the attention mask over the cache, shared by all layers."""
+        x = self.tok_embeddings(tokens)
+        cos, sin = rope_cos_sin(self.config, self.inv_freq, self.rope_scale, input_pos, x.dtype)
+        mask = None
+        if self.max_len:  # with a KV cache: key position <= query position, over the attended length
+            mask = torch.arange(kv_len or self.max_len, device=x.device)[None, :] <= input_pos[:, None]
+        return x, cos, sin, mask
 
     def head(self, x):
         return self.output(self.norm(x)).float()

@@ -91,6 +91,18 @@ def test_our_reader_agrees_with_package_writer(tmp_path):
     np.testing.assert_array_equal(f.array("h"), q.astype(np.float16))
 
 
+def test_k_quant_and_bf16_tensors_decode(tmp_path):
+    """Types we never write still read: K-quants (256-value blocks) and BF16, through the package's decoders."""
+    q4k = rng.integers(0, 255, (3, 2 * 144), dtype=np.uint8)
+    q4k.reshape(6, 144)[:, :4] = np.array([0.01, 0.001], np.float16).view(np.uint8)  # finite d, dmin per block
+    bf16 = (rng.standard_normal((2, 8)).astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
+    path = str(tmp_path / "k.gguf")
+    write_gguf(path, [], [(TensorSpec("q4k", (3, 512), T.Q4_K), lambda: q4k), (TensorSpec("bf", (2, 8), T.BF16), lambda: bf16)])
+    f = read_gguf(path)
+    np.testing.assert_array_equal(f.array("q4k"), dequantize(q4k, T.Q4_K))
+    np.testing.assert_array_equal(f.array("bf"), (bf16.astype(np.uint32) << 16).view(np.float32))
+
+
 def test_int32_type_id_depends_on_magic(tmp_path):
     path = str(tmp_path / "p.gguf")
     write_sample(path, magic=PWRI_MAGIC)

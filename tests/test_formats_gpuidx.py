@@ -107,3 +107,11 @@ def test_refuses_overwrite_without_force(tmp_path):
         write_gpuidx(path, random_masks(1, 32, seed=5), 2)
     write_gpuidx(path, random_masks(1, 32, seed=5), 2, force=True)
     assert read_gpuidx(path)[1] == 2
+
+
+def test_layers_with_no_or_all_neurons_on_gpu(tmp_path):
+    path = str(tmp_path / "e.gpuidx")
+    masks = [np.zeros(40, bool), np.ones(40, bool)]
+    write_gpuidx(path, masks, 0)
+    back, _ = read_gpuidx(path, n_layers=2, n_ff=40)
+    assert not back[0].any() and back[1].all()

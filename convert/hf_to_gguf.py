@@ -30,7 +30,7 @@ OUTTYPES = {  # --outtype -> (type of 2-D weights, general.file_type)
     "q8_0": (T.Q8_0, LlamaFileType.MOSTLY_Q8_0),
     "q4_0": (T.Q4_0, LlamaFileType.MOSTLY_Q4_0),
 }
-HEADER_ALLOWANCE = 64 << 20  # tokenizer metadata and padding, on top of the tensor bytes
+HEADER_ALLOWANCE = 64 << 20  # room for the tokenizer metadata and padding when checking free disk space
 
 
 def stored_type(gguf_name: str, shape: tuple, outtype: str, notes: list[str]) -> GGMLQuantizationType:
@@ -72,14 +72,35 @@ def convert(hf_dir: str, out: str, predictor_dir: str | None = None, outtype: st
                                         "needs a ReLU-family model (relu, drelu) or a fatrelu_threshold")
         predictors, threshold = load_predictors(predictor_dir, cfg.n_layers, cfg.dim, cfg.n_ff)
 
-    source = HFTensors(hf_dir)
+    notes = []
+    plan = plan_tensors(HFTensors(hf_dir), cfg, predictors, sparse, outtype, notes)
+    size = sum(spec.nbytes for spec, _ in plan)
+    free = shutil.disk_usage(os.path.dirname(os.path.abspath(out))).free
+    if free < size + HEADER_ALLOWANCE:
+        raise InputError(f"{out}: needs about {size / 2**30:.2f} GiB, only {free / 2**30:.2f} GiB free")
+    tokenizer = Tokenizer.from_hf_folder(hf_dir, cfg.bos_token_id, cfg.eos_token_ids)
+    metadata = (config_metadata(cfg, OUTTYPES[outtype][1], os.path.basename(os.path.abspath(hf_dir)), threshold)
+                + tokenizer_metadata(hf_dir, cfg.vocab_size, tokenizer.add_bos))
+    for note in notes:
+        log(f"note: {note}")
+    if sparse and outtype == "q8_0":
+        log("note: PowerInfer's sparse FFN kernels take F16 or Q4_0 weights; this Q8_0 file is for powerinfer-py")
+    with tqdm(total=size, unit="B", unit_scale=True, desc="convert", disable=not progress, file=sys.stderr) as bar, \
+            atomic_file(out, force) as tmp:
+        write_gguf(tmp, metadata, plan, magic=PWRI_MAGIC if sparse else GGUF_MAGIC,
+                   on_tensor=lambda spec: bar.update(spec.nbytes))
+
+
+def plan_tensors(source: HFTensors, cfg, predictors: list[dict], sparse: bool, outtype: str, notes: list[str]) -> list:
+    """(TensorSpec, produce) for every tensor of the output, in file order, after checking the checkpoint's
+    names and shapes; nothing is read yet."""
     hf_names = {}  # runtime name -> hf name
     for name in source.names:
         internal = rename(name, HF_TO_INTERNAL)
         if internal is None:
-            raise ModelFormatError(f"{hf_dir}: unexpected tensor {name}")
+            raise ModelFormatError(f"{source.folder}: unexpected tensor {name}")
         hf_names[internal] = name
-    check_tensors(cfg, {n: torch.empty(source.shape(h), device="meta") for n, h in hf_names.items()}, hf_dir)
+    check_tensors(cfg, {n: torch.empty(source.shape(h), device="meta") for n, h in hf_names.items()}, source.folder)
     if cfg.tie_embeddings:
         hf_names.pop("output.weight", None)
         if sparse:  # PowerInfer's llama loader requires output.weight: store a copy of the embedding
@@ -96,7 +117,7 @@ def convert(hf_dir: str, out: str, predictor_dir: str | None = None, outtype: st
     def from_predictor(layer, key, ggml_type):
         return lambda: encode(predictors[layer][key].float().numpy(), ggml_type)
 
-    notes, plan = [], []
+    plan = []
     for internal in file_order(cfg.n_layers):
         if internal not in hf_names:  # output.weight of a tied dense model
             continue
@@ -111,20 +132,4 @@ def convert(hf_dir: str, out: str, predictor_dir: str | None = None, outtype: st
                 name, shape = f"blk.{layer}.{key}", tuple(predictors[layer][key].shape)
                 ggml_type = stored_type(name, shape, outtype, notes)
                 plan.append((TensorSpec(name, shape, ggml_type), from_predictor(layer, key, ggml_type)))
-
-    size = sum(spec.nbytes for spec, _ in plan) + HEADER_ALLOWANCE
-    free = shutil.disk_usage(os.path.dirname(os.path.abspath(out))).free
-    if free < size:
-        raise InputError(f"{out}: needs about {size / 2**30:.2f} GiB, only {free / 2**30:.2f} GiB free")
-
-    tokenizer = Tokenizer.from_hf_folder(hf_dir, cfg.bos_token_id, cfg.eos_token_ids)
-    metadata = (config_metadata(cfg, OUTTYPES[outtype][1], os.path.basename(os.path.abspath(hf_dir)), threshold)
-                + tokenizer_metadata(hf_dir, cfg.vocab_size, tokenizer.add_bos))
-    for note in notes:
-        log(f"note: {note}")
-    if sparse and outtype == "q8_0":
-        log("note: PowerInfer's sparse FFN kernels take F16 or Q4_0 weights; this Q8_0 file is for powerinfer-py")
-    with tqdm(total=sum(spec.nbytes for spec, _ in plan), unit="B", unit_scale=True, desc="convert",
-              disable=not progress, file=sys.stderr) as bar, atomic_file(out, force) as tmp:
-        write_gguf(tmp, metadata, plan, magic=PWRI_MAGIC if sparse else GGUF_MAGIC,
-                   on_tensor=lambda spec: bar.update(spec.nbytes))
+    return plan

@@ -140,6 +140,17 @@ def test_tied_bf16_sharded_and_bin_sources(tmp_path):
         assert torch.equal(outs[0][name], outs[1][name])
 
 
+def test_bamboo_is_its_own_architecture(tiny, tmp_path):
+    bamboo = str(tmp_path / "bamboo")
+    shutil.copytree(tiny.hf, bamboo)
+    edit_config(bamboo, '"model_type": "llama"', '"model_type": "bamboo"')
+    out = run(tiny, tmp_path, hf=bamboo)
+    f = read_gguf(out)
+    assert f.architecture == "bamboo" and f.metadata["bamboo.block_count"] == 2
+    cfg, *_ = load_gguf_checkpoint(out)
+    assert (cfg.arch, cfg.ffn_act) == ("bamboo", "drelu")
+
+
 def test_rows_that_cannot_be_blocked_fall_back_to_f16(tmp_path):
     write_hf_llama(str(tmp_path / "hf"), hidden_size=48, num_attention_heads=4, intermediate_size=64)
     notes = []
@@ -148,6 +159,15 @@ def test_rows_that_cannot_be_blocked_fall_back_to_f16(tmp_path):
     assert f.tensors["blk.0.ffn_up.weight"].ggml_type == T.F16  # rows of 48
     assert f.tensors["blk.0.ffn_down.weight"].ggml_type == T.Q8_0  # rows of 64
     assert any("blk.0.ffn_up.weight: rows of 48" in n for n in notes)
+
+
+def edit_config(folder, old, new):
+    path = os.path.join(folder, "config.json")
+    with open(path) as f:
+        text = f.read()
+    assert old in text
+    with open(path, "w") as f:
+        f.write(text.replace(old, new))
 
 
 def bad_input(tmp_path, tiny, **kw):
@@ -170,11 +190,7 @@ def test_bad_inputs_raise_one_line_errors(tiny, tmp_path):
     write_hf_llama(silu, hidden_act="silu")
     mistral = str(tmp_path / "mistral")
     shutil.copytree(tiny.hf, mistral)
-    cfg_path = os.path.join(mistral, "config.json")
-    with open(cfg_path) as f:
-        text = f.read()
-    with open(cfg_path, "w") as f:
-        f.write(text.replace('"model_type": "llama"', '"model_type": "mistral"'))
+    edit_config(mistral, '"model_type": "llama"', '"model_type": "mistral"')
     cases = [
         (dict(predictor_dir=few), InputError, "do not match the model's 2 layers"),
         (dict(predictor_dir=wrong), InputError, r"fc2.weight has shape \(150, 16\), expected \(160, 16\)"),
