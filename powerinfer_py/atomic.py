@@ -18,6 +18,13 @@ def check_writable(path: str, force: bool) -> None:
         raise InputError(f"{parent}: output folder does not exist")
 
 
+def _usual_mode(path: str, mode: int) -> None:
+    """The permissions a plain open()/mkdir() would give: mkstemp/mkdtemp's 0600/0700 would make outputs private."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, mode & ~umask)
+
+
 def _replace(tmp: str, path: str) -> None:
     if os.path.isdir(path) and not os.path.islink(path):
         old = path + ".old-" + os.path.basename(tmp)
@@ -34,6 +41,7 @@ def atomic_dir(path: str, force: bool = False):
     check_writable(path, force)
     path = os.path.abspath(path)
     tmp = tempfile.mkdtemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=os.path.dirname(path))
+    _usual_mode(tmp, 0o777)
     try:
         yield tmp
         _replace(tmp, path)
@@ -49,6 +57,7 @@ def atomic_file(path: str, force: bool = False):
     path = os.path.abspath(path)
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=os.path.dirname(path))
     os.close(fd)
+    _usual_mode(tmp, 0o666)
     try:
         yield tmp
         os.replace(tmp, path)
