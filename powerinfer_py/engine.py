@@ -22,6 +22,7 @@ from .errors import BudgetError, InputError, PowerInferError
 from .formats import load_activations, load_predictors, read_gpuidx, write_gpuidx
 from .hybrid import HostBuffers, HybridCounters, HybridFeedForward, split_rows
 from .loader import Checkpoint, build_model, install_predictors
+from .model import FeedForward
 
 FFN_WEIGHTS = ("w_gate", "w_up", "w_down")
 DTYPE_NAMES = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
@@ -116,9 +117,10 @@ def get_placement(ckpt: Checkpoint, ledger, budget: int, gpuidx: str | None, act
 def build_hybrid(ckpt: Checkpoint, device, dtype, budget: int | None = None, predictors=None, threshold=0.0,
                  gpu_masks=None, gpu_weight_type: str | None = None, ctx_len: int = 2048,
                  gpuidx: str | None = None, activation: str | None = None, reset: bool = False,
-                 objective: str = "coverage", log=None) -> HybridSetup:
+                 objective: str = "coverage", log=None, choose_dense_when_all_fits: bool = True) -> HybridSetup:
     """The model with hybrid FFNs. Without CUDA every neuron is a CPU neuron (the same engine, all on the CPU).
-    gpu_masks overrides the placement (tests, benchmarks)."""
+    gpu_masks overrides the placement (tests, benchmarks). When every neuron fits on the GPU, the sparse and the
+    dense FFN are both timed and the faster one kept."""
     cfg = ckpt.config
     device = torch.device(device)
     dense_type = DTYPE_NAMES[dtype]
@@ -133,19 +135,16 @@ def build_hybrid(ckpt: Checkpoint, device, dtype, budget: int | None = None, pre
     else:
         gpu_masks, source = [np.zeros(cfg.n_ff, dtype=bool)] * cfg.n_layers, "no CUDA: all neurons on the CPU"
     ffn_names = {f"layers.{i}.feed_forward.{w}.weight" for i in range(cfg.n_layers) for w in FFN_WEIGHTS}
+    counters = HybridCounters(device) if device.type == "cuda" else None
     try:
         model = build_model(ckpt, device=device, dtype=dtype, skip=ffn_names)
         if predictors:
             install_predictors(model, predictors, threshold)
-        host = HostBuffers(cfg.dim, cfg.n_ff, dtype) if device.type == "cuda" else None
-        counters = HybridCounters(device) if device.type == "cuda" else None
-        for i, layer in enumerate(model.layers):
-            p = f"layers.{i}.feed_forward."
-            gpu_rows, cpu_rows = split_rows(ckpt.tensors[p + "w_gate.weight"], ckpt.tensors[p + "w_up.weight"],
-                                            ckpt.tensors[p + "w_down.weight"], np.asarray(gpu_masks[i], dtype=bool),
-                                            device, gpu_weight_type or dense_type)
-            layer.feed_forward = HybridFeedForward(gpu_rows, cpu_rows, cfg.n_ff, cfg.ffn_act, cfg.ffn_threshold,
-                                                   device, host, counters)
+        install_hybrid_ffns(model, ckpt, gpu_masks, device, gpu_weight_type or dense_type, counters)
+        if device.type == "cuda" and all(np.all(m) for m in gpu_masks) and choose_dense_when_all_fits:
+            source += "; " + keep_faster_full_gpu_ffn(model, ckpt, gpu_masks, gpu_weight_type or dense_type, counters)
+        if counters is not None:
+            counters.reset()  # count the user's tokens only
     except torch.OutOfMemoryError:
         model = None
         torch.cuda.empty_cache()
@@ -153,6 +152,52 @@ def build_hybrid(ckpt: Checkpoint, device, dtype, budget: int | None = None, pre
                           f"(the GPU has {format_bytes(torch.cuda.mem_get_info(device)[0])} free now); "
                           "try a smaller --vram-budget") from None
     return HybridSetup(model, ledger, gpu_masks, budget or 0, counters, source)
+
+
+def install_hybrid_ffns(model, ckpt: Checkpoint, gpu_masks, device, gpu_weight_type: str, counters) -> None:
+    """Replace each layer's FFN with a HybridFeedForward over the checkpoint's rows, split by gpu_masks."""
+    cfg = ckpt.config
+    host = HostBuffers(cfg.dim, cfg.n_ff, model.tok_embeddings.weight.dtype) if device.type == "cuda" else None
+    for i, layer in enumerate(model.layers):
+        p = f"layers.{i}.feed_forward."
+        gpu_rows, cpu_rows = split_rows(ckpt.tensors[p + "w_gate.weight"], ckpt.tensors[p + "w_up.weight"],
+                                        ckpt.tensors[p + "w_down.weight"], np.asarray(gpu_masks[i], dtype=bool),
+                                        device, gpu_weight_type)
+        layer.feed_forward = HybridFeedForward(gpu_rows, cpu_rows, cfg.n_ff, cfg.ffn_act, cfg.ffn_threshold,
+                                               device, host, counters)
+
+
+def decode_tps(model, tokens: int = 32) -> float:
+    """Decode tokens/s of `model` (CUDA graphs, after a warm-up), for choosing between FFN implementations."""
+    from .generate import Generator
+
+    gen = Generator(model, max_len=64)
+    gen.generate(list(range(3, 11)), 8)
+    return gen.generate(list(range(3, 11)), tokens)[1].generate_tps
+
+
+def keep_faster_full_gpu_ffn(model, ckpt: Checkpoint, gpu_masks, gpu_weight_type: str, counters) -> str:
+    """Every neuron fits on the GPU: time the sparse FFNs (predictors + sparse kernels) against the dense FFNs
+    (no predictors, exact), and keep the faster. One set lives at a time, so the budget holds throughout."""
+    sparse_tps = decode_tps(model)
+    predictors = [layer.predictor for layer in model.layers]
+    device, dtype = model.tok_embeddings.weight.device, model.tok_embeddings.weight.dtype
+    for i, layer in enumerate(model.layers):
+        layer.feed_forward, layer.predictor = None, None
+        torch.cuda.empty_cache()
+        with torch.device("meta"):
+            dense = FeedForward(ckpt.config)
+        dense.load_state_dict({w + ".weight": ckpt.tensors[f"layers.{i}.feed_forward.{w}.weight"].to(device, dtype)
+                               for w in FFN_WEIGHTS}, assign=True)
+        layer.feed_forward = dense
+    dense_tps = decode_tps(model)
+    if dense_tps >= sparse_tps:
+        return f"all neurons fit: dense FFN kept ({dense_tps:.0f} tok/s against sparse {sparse_tps:.0f})"
+    for layer, predictor in zip(model.layers, predictors):
+        layer.feed_forward, layer.predictor = None, predictor
+    torch.cuda.empty_cache()
+    install_hybrid_ffns(model, ckpt, gpu_masks, device, gpu_weight_type, counters)
+    return f"all neurons fit: sparse FFN kept ({sparse_tps:.0f} tok/s against dense {dense_tps:.0f})"
 
 
 def run_hybrid(args) -> int:
@@ -191,6 +236,34 @@ def run_hybrid(args) -> int:
     return 0
 
 
+@torch.inference_mode()
+def predictor_seconds(model, reps: int = 20) -> float:
+    """GPU time of all layers' predictors for one token, replayed as one CUDA graph (as they run in decode)."""
+    preds = [layer.predictor for layer in model.layers if layer.predictor is not None]
+    device = model.tok_embeddings.weight.device
+    if not preds or device.type != "cuda":
+        return float("nan")
+    p = torch.randn(1, 1, model.config.dim, device=device, dtype=model.tok_embeddings.weight.dtype)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for pred in preds:
+            pred(p)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for pred in preds:
+            pred(p)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    graph.replay()
+    start.record()
+    for _ in range(reps):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3 / reps
+
+
 def report(setup: HybridSetup, stats, load_s: float, log) -> None:
     hot = sum(int(np.sum(m)) for m in setup.placement_masks)
     total = len(setup.placement_masks) * setup.ledger.config.n_ff
@@ -203,5 +276,7 @@ def report(setup: HybridSetup, stats, load_s: float, log) -> None:
         f"generation: {stats.generated_tokens} tokens, {stats.generate_tps:.1f} tok/s")
     if setup.counters is not None:
         wall = stats.prompt_seconds + stats.generate_seconds
+        token_s = 1 / stats.generate_tps if stats.generate_tps else float("nan")
         log(f"GPU hit rate (active neurons served on the GPU): {setup.counters.hit_rate:.1%}; "
-            f"CPU share of token time: {setup.counters.cpu_seconds / wall:.1%}")
+            f"CPU share of token time: {setup.counters.cpu_seconds / wall:.1%}; "
+            f"predictor share of token time: {predictor_seconds(setup.model) / token_s:.1%}")

@@ -48,6 +48,11 @@ class HybridCounters:
         self.hits = torch.zeros((), dtype=torch.long, device=device)
         self.cpu_seconds = 0.0
 
+    def reset(self):
+        self.active.zero_()
+        self.hits.zero_()
+        self.cpu_seconds = 0.0
+
     def count(self, active, gpu_mask):
         self.active += active.sum()
         self.hits += (active & gpu_mask).sum()

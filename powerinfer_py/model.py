@@ -227,13 +227,14 @@ class Transformer(nn.Module):
         self.max_len = 0  # KV cache length, 0: no cache (setup_caches)
 
     def setup_caches(self, batch: int, max_len: int, dtype=None, device=None):
-        """Preallocate the KV cache (static shapes, so decode can be captured in a CUDA graph)."""
+        """Preallocate the KV cache (static shapes, so decode can be captured in a CUDA graph); by default each
+        layer's in its own dtype and on its own device (layer_split.py puts layers on two devices)."""
         cfg = self.config
-        dtype = dtype or self.tok_embeddings.weight.dtype
-        device = device or self.tok_embeddings.weight.device
         self.max_len = max_len
         for layer in self.layers:
-            layer.attention.kv_cache = KVCache(batch, cfg.n_kv_heads, max_len, cfg.head_dim, dtype, device)
+            own = layer.attention_norm.weight
+            layer.attention.kv_cache = KVCache(batch, cfg.n_kv_heads, max_len, cfg.head_dim, dtype or own.dtype,
+                                               device or own.device)
 
     def forward(self, tokens, input_pos=None, kv_len: int | None = None, last_only: bool = False):
         """tokens (B, T); input_pos (T,) their positions. kv_len: how much of the cache to attend to (eager);

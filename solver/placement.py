@@ -1,17 +1,14 @@
 """Which FFN neurons live on the GPU.
 
-Each layer's neurons are sorted by activation count and cut into groups; a layer keeps a prefix of them on the GPU,
-so a placement is one hot count per layer: 0, k groups (at least C_l neurons: the paper's communication
-constraint) or all of n_ff. Layers compete only for the byte budget left after the dense parts.
+Each layer's neurons are sorted by activation count and cut into groups; a layer keeps a prefix of them on the
+GPU, so a placement is one hot count per layer: 0, a prefix of whole groups of at least C_l neurons (the paper's
+communication constraint) or all of n_ff. Layers compete only for the bytes the dense parts leave.
 
-The MILP (PuLP + CBC) has per layer an integer k (groups in the prefix), a binary `full` (the whole layer,
-including a short last group), and continuous group weights d_g in [0, 1] with sum d_g = k. Sorted groups have
-falling counts, so at integer k the best d is the first k groups: the per-layer objective is the concave
-piecewise-linear function of k that the issue describes, with 80 integers instead of 35840 binaries.
-coverage maximises the activations served by the GPU; latency minimises the modelled token time, where each
-layer's time is convex in k below full, so no layer is given more groups than its minimum-time prefix.
-CBC starts from the greedy placement, stops at the time limit with its incumbent, and the greedy placement
-is kept unless CBC finds a strictly better one.
+coverage maximises the activations the GPU serves; latency minimises the modelled token time (timing.py). Below
+full, a layer's modelled time is convex in its hot count, so latency never gives a layer more than its
+minimum-time prefix. The MILP (PuLP + CBC, see _solve_milp) has a handful of integers per layer instead of a
+binary per group, starts from the greedy placement, stops at the time limit with its incumbent, and the greedy
+placement is kept unless CBC finds a strictly better one.
 """
 from __future__ import annotations
 
@@ -253,16 +250,16 @@ def _solve_milp(problem: PlacementProblem, objective: str, start: np.ndarray, ti
             cpu_rows[-1] = (full, us_per_count * counts[-1][1] + handoff_us)
             lp += pulp.LpAffineExpression([(t, 1.0)] + cpu_rows) >= us_per_count * total + handoff_us
             goal.append((t, 1.0))
-    lp += pulp.LpAffineExpression([(v, float(n)) for v, n in budget]) <= problem.max_neurons
+    unit = math.gcd(*(int(n) for _, n in budget))  # the budget in units of the sizes' gcd, rounded down:
+    lp += pulp.LpAffineExpression([(v, n // unit) for v, n in budget]) <= problem.max_neurons // unit  # a tighter LP
     lp.setObjective(pulp.LpAffineExpression(goal))
     for var, value in start_values:
         var.setInitialValue(value)
     with tempfile.TemporaryDirectory() as tmp:
         log_path = os.path.join(tmp, "cbc.log")
-        lp.solve(pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit, warmStart=True, logPath=log_path, keepFiles=True))  # DEBUG
+        lp.solve(pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit, warmStart=True, logPath=log_path))
         with open(log_path) as f:
             log = f.read()
-        open("/tmp/proto/log.txt", "w").write(log)  # DEBUG
     if lp.sol_status not in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):
         return None, False, None
     bound = re.search(r"^Lower bound:\s*(\S+)", log, re.M)

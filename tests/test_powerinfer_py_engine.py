@@ -69,3 +69,26 @@ def test_gpu_engine_all_active_equals_dense_at_several_splits(gpu_share):
     want, _ = Generator(dense, 128).generate(prompt, 64)
     got, _ = Generator(setup.model, 128).generate(prompt, 64)
     assert got == want
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("ffn_share", [0.0, 0.4, 1.0])
+def test_gpu_memory_stays_within_the_budget(tmp_path, ffn_share):
+    from powerinfer_py.formats import save_activations
+    from solver import vram_ledger
+
+    ckpt = random_checkpoint(CFG.replace(dim=256, n_ff=1024, n_heads=4, head_dim=64, vocab_size=2048, n_layers=4))
+    cfg = ckpt.config
+    preds = random_predictors(cfg)
+    ledger = vram_ledger(cfg, "f16", "f16", 256, 1, [16] * cfg.n_layers, embeddings_on_gpu=True)
+    budget = ledger.dense_bytes + int(ffn_share * cfg.n_layers * cfg.n_ff) * ledger.ffn_bytes_per_neuron
+    save_activations(str(tmp_path), [torch.rand(cfg.n_ff) * 100 for _ in range(cfg.n_layers)])
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    setup = build_hybrid(ckpt, "cuda", torch.float16, budget, preds, ctx_len=256, activation=str(tmp_path),
+                         gpuidx=str(tmp_path / "model.gpuidx"))
+    hot = sum(int(m.sum()) for m in setup.placement_masks)
+    assert abs(hot - ffn_share * cfg.n_layers * cfg.n_ff) <= 64 * cfg.n_layers  # the solver filled the budget
+    Generator(setup.model, 256).generate(list(range(3, 19)), 64)
+    assert torch.cuda.max_memory_allocated() - base <= budget

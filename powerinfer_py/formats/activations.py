@@ -2,13 +2,11 @@
 from __future__ import annotations
 
 import os
-import re
 
 import torch
 
 from ..errors import InputError
-
-_NAME = re.compile(r"^activation_(\d+)\.pt$")
+from .layer_files import layer_files
 
 
 def activation_path(folder: str, layer: int) -> str:
@@ -24,23 +22,9 @@ def save_activations(folder: str, counts: list[torch.Tensor]) -> None:
 def load_activations(folder: str, n_layers: int | None = None, n_ff: int | None = None) -> list[torch.Tensor]:
     """Counts per layer, in numeric layer order (PowerInfer's exporter sorts names as strings: layer 2 would get
     layer 10's counts). Checks the layer count and each tensor's length when given."""
-    if not os.path.isdir(folder):
-        raise InputError(f"{folder}: activation folder not found")
-    found = {}
-    for name in os.listdir(folder):
-        m = _NAME.match(name)
-        if m:
-            found[int(m.group(1))] = name
-    if not found:
-        raise InputError(f"{folder}: no activation_<i>.pt files")
-    layers = sorted(found)
-    if layers != list(range(len(layers))):
-        raise InputError(f"{folder}: activation files are not numbered 0..{len(layers) - 1} (have {layers})")
-    if n_layers is not None and len(layers) != n_layers:
-        raise InputError(f"{folder}: {len(layers)} activation files for a model of {n_layers} layers")
+    paths = layer_files(folder, "activation_{i}.pt", "activation", n_layers)
     out = []
-    for i in layers:
-        path = os.path.join(folder, found[i])
+    for path in paths:
         try:
             t = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # torch raises many types for corrupt files

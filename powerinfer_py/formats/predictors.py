@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import re
 
 import torch
 
 from ..errors import InputError
-
-_NAME = re.compile(r"^model_(\d+)\.pt$")
+from .layer_files import layer_files
 
 
 def save_predictors(folder: str, layers: list[dict], sparse_threshold: float, extra_config: dict | None = None):
@@ -27,25 +25,9 @@ def save_predictors(folder: str, layers: list[dict], sparse_threshold: float, ex
 def load_predictors(folder: str, n_layers: int | None = None, dim: int | None = None,
                     n_ff: int | None = None) -> tuple[list[dict], float]:
     """(per-layer {'fc1.weight', 'fc2.weight'} in layer order, sparse_threshold). Checks count and shapes."""
-    if not os.path.isdir(folder):
-        raise InputError(f"{folder}: predictor folder not found")
-    found = {}
-    for name in os.listdir(folder):
-        m = _NAME.match(name)
-        if m:
-            found[int(m.group(1))] = name
-    layers = sorted(found)
-    if not layers:
-        raise InputError(f"{folder}: no model_<i>.pt predictor files")
-    expected = list(range(n_layers if n_layers is not None else len(layers)))
-    if layers != expected:
-        missing = sorted(set(expected) - set(layers))
-        extra = sorted(set(layers) - set(expected))
-        raise InputError(f"{folder}: predictor files do not match the model's {len(expected)} layers"
-                         + (f"; missing layers {missing}" if missing else "") + (f"; extra layers {extra}" if extra else ""))
+    paths = layer_files(folder, "model_{i}.pt", "predictor", n_layers)
     out = []
-    for i in layers:
-        path = os.path.join(folder, found[i])
+    for path in paths:
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
