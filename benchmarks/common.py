@@ -4,12 +4,15 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
 import subprocess
+import time
 
 import torch
 
 from powerinfer_py.config import ModelConfig
 from powerinfer_py.model import Transformer
+from solver import Bandwidths
 
 # Real models' shapes (weights in benchmarks are random unless a benchmark says otherwise)
 SHAPES = {
@@ -73,3 +76,66 @@ def write_json(path: str | None, data: dict) -> None:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with open(path, "w") as f:
             json.dump(data, f, indent=1)
+
+
+# -- the bandwidths the modelled bound uses, measured in the same run as the benchmark
+
+def _median_seconds(fn, reps: int, cuda: bool) -> float:
+    """Median wall time of fn() after one warm-up call (synchronising the GPU around each call when cuda)."""
+    times = []
+    for _ in range(reps + 1):
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:])
+
+
+def cpu_read_bandwidth(n_bytes: int = 1 << 30) -> float:
+    """DRAM read bandwidth in B/s: torch.sum over n_bytes of fp32 with torch's thread count, the threads the
+    CPU kernels use (median of 5)."""
+    x = torch.rand(n_bytes // 4)
+    return n_bytes / _median_seconds(x.sum, 5, cuda=False)
+
+
+def pcie_bandwidth(n_bytes: int = 1 << 30) -> tuple[float, float]:
+    """Pinned (host-to-device, device-to-host) bandwidth in B/s (median of 5 each)."""
+    host = torch.empty(n_bytes, dtype=torch.uint8, pin_memory=True)
+    dev = torch.empty(n_bytes, dtype=torch.uint8, device="cuda")
+    h2d = n_bytes / _median_seconds(lambda: dev.copy_(host, non_blocking=True), 5, cuda=True)
+    d2h = n_bytes / _median_seconds(lambda: host.copy_(dev, non_blocking=True), 5, cuda=True)
+    return h2d, d2h
+
+
+def handoff_seconds(n_bytes: int = 8 << 10) -> float:
+    """One pinned n_bytes host-to-device copy, one device-to-host copy and a synchronize (median of 50): the
+    fixed cost of a layer's GPU-CPU hand-off."""
+    host = torch.empty(n_bytes, dtype=torch.uint8, pin_memory=True)
+    dev = torch.empty(n_bytes, dtype=torch.uint8, device="cuda")
+
+    def round_trip():
+        dev.copy_(host, non_blocking=True)
+        host.copy_(dev, non_blocking=True)
+        torch.cuda.synchronize()
+
+    return _median_seconds(round_trip, 50, cuda=False)
+
+
+def measure_bandwidths(cpu_bytes: int = 1 << 30) -> tuple[Bandwidths, dict]:
+    """(Bandwidths for solver.timing, the figures as a dict). Without CUDA the GPU-side figures are the
+    defaults measured on the H100 device machine, marked as assumed."""
+    cpu = cpu_read_bandwidth(cpu_bytes)
+    if not torch.cuda.is_available():
+        default = Bandwidths()
+        return Bandwidths(cpu=cpu), {"cpu_read": cpu, "cpu_threads": torch.get_num_threads(), "gpu_copy": default.gpu,
+                                     "pcie": default.pcie, "handoff_s": default.sync_s,
+                                     "assumed": ["gpu_copy", "pcie", "handoff_s"]}
+    gpu = copy_bandwidth()
+    h2d, d2h = pcie_bandwidth()
+    sync_s = handoff_seconds()
+    return Bandwidths(gpu=gpu, cpu=cpu, pcie=max(h2d, d2h), sync_s=sync_s), {
+        "cpu_read": cpu, "cpu_threads": torch.get_num_threads(), "gpu_copy": gpu, "pcie_h2d": h2d,
+        "pcie_d2h": d2h, "pcie": max(h2d, d2h), "handoff_s": sync_s, "assumed": []}

@@ -1,25 +1,27 @@
-"""Benchmark of the sparse FFN kernels: `python -m kernels.bench [--cpu-only] [--json PATH]`.
+"""Benchmark of the sparse FFN kernels: `python -m kernels.bench [--cpu-only] [--cpu-compare] [--json PATH]`.
 
 For Llama-2-7B (d 4096, n_ff 11008) and 70B (8192, 28672) FFN shapes, at 5-50% active rows, one token:
 - GPU: time per sparse_ffn call (CUDA-graph replay, L2 flushed before every call and the flush's own time
   subtracted) and its bandwidth on the bytes it must move (active rows, x, y, mask, index, h), against a
   device-to-device copy measured in the same run; the dense cuBLAS products of the same matrices and the torch
   gather-then-matmul reference beside it; a token sweep for the dense-GEMM switch.
-- CPU: the CPU backend (fp32 rows) against a plain read of the same number of bytes, the dense fp32
-  products and the gather-then-matmul reference, caches flushed before every call.
+- CPU: the CPU backend (its C kernels, and its torch path) against a plain read of the same number of bytes,
+  the dense fp32 products and the gather-then-matmul reference, caches flushed before every call; f32 rows,
+  or with --cpu-compare every weight type, the candidate kernels that lost, and a token sweep.
 Inputs are random (never zeros), fresh per call set.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import statistics
 import time
 
 import torch
 
-from . import FFNRows, sparse_down, sparse_ffn, sparse_ffn_reference, sparse_gate_up
-from . import cpu as cpu_backend
+from . import FFNRows, get_backend, sparse_down, sparse_ffn, sparse_ffn_reference, sparse_gate_up
 from .cases import random_mask
 from .rows import FLOAT_DTYPES
 
@@ -83,18 +85,18 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() * 4 / (ms / 1e3)
 
 
-def random_gpu_rows(d, n_ff, weight_type):
-    """A whole layer's rows on the GPU in the CUDA layout, random values (quantized: random blocks, sane scales)."""
+def random_rows(d, n_ff, weight_type, device="cuda"):
+    """A whole layer's rows in the packed layout, random values (quantized: random blocks, sane scales)."""
     def matrix():
         if weight_type in FLOAT_DTYPES:
-            return torch.randn(n_ff, d, device="cuda", dtype=FLOAT_DTYPES[weight_type]) / d ** 0.5
+            return torch.randn(n_ff, d, device=device, dtype=FLOAT_DTYPES[weight_type]) / d ** 0.5
         block = 34 if weight_type == "q8_0" else 18
-        blocks = torch.randint(0, 256, (n_ff, d // 32, block), dtype=torch.uint8, device="cuda")
-        scales = (torch.rand(n_ff, d // 32, 1, device="cuda") * 0.01 + 0.001).half()
+        blocks = torch.randint(0, 256, (n_ff, d // 32, block), dtype=torch.uint8, device=device)
+        scales = (torch.rand(n_ff, d // 32, 1, device=device) * 0.01 + 0.001).half()
         blocks[:, :, :2] = scales.view(torch.uint8)
         return blocks.view(n_ff, -1)
-    # d is a multiple of 256 here, so unpadded rows are already the CUDA layout (rows.py)
-    return FFNRows(matrix(), matrix(), matrix(), torch.arange(n_ff, device="cuda"), d, weight_type, n_ff)
+    # d is a multiple of 256 here, so unpadded rows are already the packed layout (rows.py)
+    return FFNRows(matrix(), matrix(), matrix(), torch.arange(n_ff, device=device), d, weight_type, n_ff)
 
 
 def _row_bytes(rows):
@@ -104,7 +106,7 @@ def _row_bytes(rows):
 def gpu_bench(timer, copy_bw, records):
     for shape, (d, n_ff) in SHAPES.items():
         for weight_type in ("f16", "bf16", "q8_0", "q4_0"):
-            rows = random_gpu_rows(d, n_ff, weight_type)
+            rows = random_rows(d, n_ff, weight_type)
             x = [torch.randn(1, d, device="cuda", dtype=torch.float16) for _ in range(ROWS_PER_CALL)]
             out = [torch.empty(1, d, device="cuda", dtype=torch.float16) for _ in range(ROWS_PER_CALL)]
             for density in DENSITIES:
@@ -169,7 +171,7 @@ def token_sweep(timer, records):
     """Sparse kernels against the dense path for T tokens, 7B f16, 10% per token (independent masks)."""
     from . import cuda as cuda_backend
     d, n_ff = SHAPES["7B"]
-    rows = random_gpu_rows(d, n_ff, "f16")
+    rows = random_rows(d, n_ff, "f16")
     default = cuda_backend.DENSE_MIN_TOKENS
     for T in (1, 2, 4, 8, 12, 16, 24, 32, 64):
         x = [torch.randn(T, d, device="cuda", dtype=torch.float16) for _ in range(ROWS_PER_CALL)]
@@ -186,59 +188,160 @@ def token_sweep(timer, records):
 
 # ---------------------------------------------------------------- CPU
 
-def cpu_bench(records, flush_bytes, shapes):
-    flush_buf = torch.ones(flush_bytes // 4)
+CPU_WEIGHT_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
 
-    def seconds(step, reps=5):
+
+class CpuTimer:
+    """Median seconds of step(r), r over the repetitions, caches flushed before each call by a read larger than
+    the L3; `read` times a plain read of nbytes (the ceiling) the same way."""
+
+    def __init__(self, flush_bytes, largest_read):
+        self.flush_buf = torch.ones(flush_bytes // 4)
+        self.read_buf = torch.randn(largest_read // 4)
+
+    def seconds(self, step, reps=5):
         times = []
         for r in range(reps):
-            flush_buf.sum()
+            self.flush_buf.sum()
             start = time.perf_counter()
             step(r)
             times.append(time.perf_counter() - start)
         return statistics.median(times)
 
+    def read_GBs(self, nbytes):
+        return nbytes / self.seconds(lambda r: self.read_buf[: int(nbytes) // 4].sum()) / 1e9
+
+
+@contextlib.contextmanager
+def torch_path():
+    """The CPU backend's torch path instead of its C kernels."""
+    backend = get_backend("cpu")
+    lib, backend.lib = backend.lib, None
+    try:
+        yield
+    finally:
+        backend.lib = lib
+
+
+def cpu_bench(records, flush_bytes, shapes, compare):
+    """The CPU backend per weight type (f32 only unless compare) and density; with compare also the candidates
+    that lost (numba, int8 rows through _weight_int8pack_mm) and a token sweep against the torch path."""
     threads = torch.get_num_threads()
     for shape in shapes:
         d, n_ff = SHAPES[shape]
-        gate, up, down_t = (torch.randn(n_ff, d) / d ** 0.5 for _ in range(3))
-        idx = torch.arange(n_ff)
-        rows = FFNRows(gate, up, down_t, idx, d, "f32", n_ff)  # the CPU layout: fp32 rows
+        timer = CpuTimer(flush_bytes, 3 * n_ff * d * 4)
         x = torch.randn(1, d)
-        read_buf = torch.randn(3 * n_ff * d)
-        t = seconds(lambda r: (x @ gate.T, x @ up.T, torch.randn(1, n_ff) @ down_t))
-        records.append(dict(device="cpu", threads=threads, shape=shape, weight_type="f32", density=1.0, T=1,
-                            impl="dense torch fp32 (3 mat-vec)", us=t * 1e6, bytes=3 * n_ff * d * 4,
-                            GBs=3 * n_ff * d * 4 / t / 1e9))
-        for density in DENSITIES:
-            active = [random_mask(1, n_ff, density) for _ in range(5)]
-            n_active = statistics.mean(int(a.sum()) for a in active)
-            h = [sparse_gate_up(x, rows, a) for a in active]
-            n_nonzero = statistics.mean(int((hr != 0).sum()) for hr in h)  # the rows down reads
-            nbytes = int((2 * n_active + n_nonzero) * d * 4)
-            read = seconds(lambda r: read_buf[: nbytes // 4].sum())
-            base = dict(device="cpu", threads=threads, shape=shape, weight_type="f32", density=density, T=1)
-            for impl, step in (
-                ("sparse_ffn", lambda r: sparse_ffn(x, rows, active[r])),
-                ("sparse_gate_up only", lambda r: sparse_gate_up(x, rows, active[r])),
-                ("sparse_down only", lambda r: sparse_down(h[r], rows)),
-                ("torch gather-then-matmul reference", lambda r: sparse_ffn_reference(x, gate, up, down_t, idx, active[r])),
-            ):
-                t = seconds(step)
-                part = {"sparse_gate_up only": 2 * n_active * d * 4 / nbytes,
-                        "sparse_down only": n_nonzero * d * 4 / nbytes}.get(impl, 1)
-                records.append(base | dict(impl=impl, us=t * 1e6, bytes=nbytes * part, GBs=nbytes * part / t / 1e9,
-                                           ceiling_GBs=nbytes / read / 1e9))
-            if density in (0.1, 0.3):  # the gather chunk size
-                default = cpu_backend.CHUNK_BYTES
-                for chunk in (1 << 20, 64 << 20):
-                    cpu_backend.CHUNK_BYTES = chunk
-                    t = seconds(lambda r: sparse_gate_up(x, rows, active[r]))
-                    records.append(base | dict(impl=f"sparse_gate_up only, chunk {chunk >> 20} MiB", us=t * 1e6,
-                                               bytes=2 * n_active * d * 4, GBs=2 * n_active * d * 4 / t / 1e9,
-                                               ceiling_GBs=nbytes / read / 1e9))
-                cpu_backend.CHUNK_BYTES = default
-        del gate, up, down_t, rows, read_buf
+        masks = {density: [random_mask(1, n_ff, density) for _ in range(5)] for density in DENSITIES}
+        for weight_type in CPU_WEIGHT_TYPES if compare else ("f32",):
+            rows = random_rows(d, n_ff, weight_type, "cpu")
+            row_bytes = rows.gate.stride(0) * rows.gate.element_size()
+            if weight_type == "f32":
+                dense = torch.randn(1, n_ff)
+                t = timer.seconds(lambda r: (x @ rows.gate.T, x @ rows.up.T, dense @ rows.down_t))
+                nbytes = 3 * n_ff * d * 4
+                records.append(dict(device="cpu", threads=threads, shape=shape, weight_type="f32", density=1.0, T=1,
+                                    impl="dense torch fp32 (3 mat-vec)", us=t * 1e6, bytes=nbytes,
+                                    GBs=nbytes / t / 1e9, ceiling_GBs=timer.read_GBs(nbytes)))
+            for density, active in masks.items():
+                n_active = statistics.mean(int(a.sum()) for a in active)
+                h = [sparse_gate_up(x, rows, a) for a in active]
+                n_nonzero = statistics.mean(int((hr != 0).sum()) for hr in h)  # the rows down reads
+                nbytes = (2 * n_active + n_nonzero) * row_bytes
+                base = dict(device="cpu", threads=threads, shape=shape, weight_type=weight_type, density=density,
+                            T=1, ceiling_GBs=timer.read_GBs(nbytes))
+                ffn = lambda r: sparse_ffn(x, rows, active[r])  # noqa: E731
+                steps = [("sparse_ffn", ffn, nbytes),
+                         ("sparse_gate_up only", lambda r: sparse_gate_up(x, rows, active[r]), 2 * n_active * row_bytes),
+                         ("sparse_down only", lambda r: sparse_down(h[r], rows), n_nonzero * row_bytes)]
+                if weight_type == "f32":
+                    steps.append(("torch gather-then-matmul reference", lambda r: sparse_ffn_reference(
+                        x, rows.gate, rows.up, rows.down_t, rows.neuron_idx, active[r]), nbytes))
+                if weight_type == "f32" or compare:
+                    steps.append(("sparse_ffn, torch path (no C kernels)", ffn, nbytes))
+                if compare and weight_type == "f32":
+                    steps += _cpu_candidates(rows, x, active, n_active, nbytes)
+                for impl, step, part_bytes in steps:
+                    with torch_path() if "torch path" in impl else contextlib.nullcontext():
+                        t = timer.seconds(step)
+                    records.append(base | dict(impl=impl, us=t * 1e6, bytes=part_bytes, GBs=part_bytes / t / 1e9))
+            if compare and weight_type == "f32" and shape == shapes[0]:
+                _cpu_token_sweep(timer, rows, records)
+            del rows
+
+
+def _cpu_token_sweep(timer, rows, records):
+    """C kernels against the torch path for T tokens at 10% active each (independent masks)."""
+    for T in (1, 4, 8, 16):
+        x = torch.randn(T, rows.d)
+        active = [random_mask(T, rows.m, 0.1) for _ in range(5)]
+        for impl, path in (("C kernels", contextlib.nullcontext), ("torch path", torch_path)):
+            with path():
+                t = timer.seconds(lambda r: sparse_ffn(x, rows, active[r]))
+            records.append(dict(device="cpu", shape="7B", weight_type="f32", density=0.1, T=T,
+                                impl=f"token sweep: {impl}", us=t * 1e6))
+
+
+def _cpu_candidates(rows, x, active, n_active, nbytes):
+    """Kernels tried for the CPU backend that lost to the C kernels (kept here to re-measure): (a) numba, prange
+    over the needed f32 rows read in place (if numba is installed); (c) int8 rows with per-row scales through
+    torch's _weight_int8pack_mm (a quarter of the bytes, lossy), gathered in chunks (gate/up only: the down
+    projection has no such op)."""
+    steps = []
+    try:
+        import numba
+        import numpy as np
+    except ImportError:
+        numba = None
+    if numba is not None:
+        numba.set_num_threads(min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+        gate_up, down = _numba_kernels()
+        g, u, dt, xs = rows.gate.numpy(), rows.up.numpy(), rows.down_t.numpy(), x[0].numpy()
+        y = np.empty(rows.d, np.float32)
+
+        def numba_ffn(r):
+            sel = active[r][0].nonzero().squeeze(1).numpy()
+            hs = np.empty(len(sel), np.float32)
+            gate_up(g, u, sel, xs, hs)
+            nz = hs != 0
+            down(dt, sel[nz], hs[nz], numba.get_num_threads(), y)
+        numba_ffn(0)  # compile (cached) outside the timing
+        steps.append(("candidate (a): numba f32, sparse_ffn", numba_ffn, nbytes))
+    scale = lambda w: w.abs().amax(1) / 127  # noqa: E731
+    w8 = [(torch.round(w / scale(w)[:, None]).to(torch.int8), scale(w).bfloat16()) for w in (rows.gate, rows.up)]
+    xb, rows_per_chunk = x.bfloat16(), (8 << 20) // rows.d
+
+    def int8_gate_up(r):
+        sel = active[r][0].nonzero().squeeze(1)
+        for chunk in sel.split(rows_per_chunk):
+            g, u = (torch.ops.aten._weight_int8pack_mm(xb, q.index_select(0, chunk), s[chunk]) for q, s in w8)
+            torch.relu(g) * u
+    steps.append(("candidate (c): int8 rows, _weight_int8pack_mm, gate_up only", int8_gate_up, 2 * n_active * rows.d))
+    return steps
+
+
+@functools.cache
+def _numba_kernels():
+    import numba
+    import numpy as np
+
+    @numba.njit(parallel=True, fastmath=True, cache=True)
+    def gate_up(gate, up, sel, x, out):
+        for i in numba.prange(sel.shape[0]):
+            g = u = np.float32(0)
+            for k in range(x.shape[0]):
+                g += gate[sel[i], k] * x[k]
+                u += up[sel[i], k] * x[k]
+            out[i] = max(g, np.float32(0)) * u
+
+    @numba.njit(parallel=True, fastmath=True, cache=True)
+    def down(down_t, sel, hs, parts, y):
+        partial = np.zeros((parts, y.shape[0]), np.float32)
+        for p in numba.prange(parts):
+            for i in range(sel.shape[0] * p // parts, sel.shape[0] * (p + 1) // parts):
+                for k in range(y.shape[0]):
+                    partial[p, k] += hs[i] * down_t[sel[i], k]
+        y[:] = partial.sum(0)
+    return gate_up, down
 
 
 def print_table(records):
@@ -254,6 +357,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cpu-only", action="store_true")
     parser.add_argument("--cpu-shapes", default="7B,70B")
+    parser.add_argument("--cpu-compare", action="store_true",
+                        help="every weight type on the CPU, the candidate kernels that lost, a CPU token sweep")
     parser.add_argument("--flush-mib", type=int, default=640, help="bytes read between CPU calls (over the L3)")
     parser.add_argument("--json", help="write the records here")
     args = parser.parse_args(argv)
@@ -264,7 +369,7 @@ def main(argv=None):
         meta["copy_GBs"] = copy_bandwidth() / 1e9
         gpu_bench(timer, meta["copy_GBs"] * 1e9, records)
         token_sweep(timer, records)
-    cpu_bench(records, args.flush_mib << 20, args.cpu_shapes.split(","))
+    cpu_bench(records, args.flush_mib << 20, args.cpu_shapes.split(","), args.cpu_compare)
     print(json.dumps(meta))
     print_table(records)
     if args.json:

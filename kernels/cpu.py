@@ -1,61 +1,130 @@
-"""CPU backend over the cold rows, packed as fp32 (see rows.py). Multi-threaded through torch's own kernels:
-- gate/up: the active rows are gathered in chunks into a reused buffer that stays in cache, then multiplied;
-  a fresh gather of all active rows is the trap device-facts.md measures (page faults, 3 passes over DRAM).
-- down: embedding_bag(mode='sum', per_sample_weights=h) reads the active rows of down_t in place; each
-  token's rows are split into one bag per thread so all threads work, and the bags are summed in order.
-Host synchronisation is free here, so the code looks at the mask (nonzero) to pick rows."""
+"""CPU backend over the cold rows, packed as in rows.py (f32/f16/bf16 elements or GGUF Q8_0/Q4_0 blocks).
+
+- Up to NATIVE_MAX_TOKENS tokens (decode): the C kernels of cpu_rows.c, built once for this machine with the
+  system C compiler and OpenMP, called through ctypes. Each needed row is read once, in place, in its packed
+  type: no gathered copy, so they run near memory bandwidth (kernels/BENCHMARKS_kernels.md).
+- More tokens (prefill), or no C compiler: torch matrix products over the needed rows, gathered and decoded to
+  fp32 in chunks that stay in cache (a fresh gather of all active rows is the trap device-facts.md measures);
+  from DENSE_FRACTION of the rows on, over all rows in place. Host synchronisation is free here, so this path
+  looks at the mask (nonzero) to pick rows.
+"""
 from __future__ import annotations
 
-import threading
+import ctypes
+import functools
+import hashlib
+import os
+import subprocess
+import warnings
+from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
+from powerinfer_py.atomic import atomic_file
 from powerinfer_py.model import ffn_activation
 
 from .rows import FFNRows
 
-CHUNK_BYTES = 8 << 20  # gathered bytes per matrix per chunk: stays in L2/L3 between the copy and the product
-DENSE_FRACTION = 0.35  # from this share of active rows on, multiply all rows (measured: kernels/BENCHMARKS_kernels.md)
+NATIVE_MAX_TOKENS = 16  # MAX_TOKENS in cpu_rows.c
+CHUNK_BYTES = 8 << 20  # fp32 bytes per matrix per chunk of the torch path: stays in L2/L3 between gather and product
+DENSE_FRACTION = 0.35  # from this share of needed rows on, the torch path multiplies all rows
+SOURCE = Path(__file__).with_name("cpu_rows.c")
+CFLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+WEIGHT_CODES = {"f32": 0, "f16": 1, "bf16": 2, "q8_0": 3, "q4_0": 4}
+ACT_CODES = {"relu": 0, "drelu": 1, "silu": 2}
+
+
+def _cpu_id() -> bytes:
+    """What -march=native depends on: the CPU's model and flags (Linux), so a shared cache never mixes CPUs."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return b""
+    return "".join(next((ln for ln in lines if ln.startswith(k)), "") for k in ("model name", "flags")).encode()
+
+
+@functools.cache
+def native_library() -> ctypes.CDLL | None:
+    """cpu_rows.c built for this machine (cached in ~/.cache/powerinfer-py by source, compiler, flags and CPU),
+    or None, with a warning, where it cannot be built (no C compiler with OpenMP: set CC to choose one)."""
+    cc = os.environ.get("CC", "cc")
+    key = hashlib.sha256(SOURCE.read_bytes() + repr((cc, CFLAGS)).encode() + _cpu_id()).hexdigest()[:16]
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "powerinfer-py"
+    path = cache / f"cpu_rows-{key}.so"
+    try:
+        if not path.exists():
+            cache.mkdir(parents=True, exist_ok=True)
+            with atomic_file(str(path), force=True) as tmp:
+                subprocess.run([cc, *CFLAGS, "-o", tmp, str(SOURCE)], check=True, capture_output=True, text=True)
+        lib = ctypes.CDLL(str(path))
+    except (OSError, subprocess.CalledProcessError) as e:
+        detail = getattr(e, "stderr", "") or str(e)
+        warnings.warn(f"kernels: cannot build {SOURCE.name} with {cc} ({detail.strip()[:300]}); the CPU backend "
+                      "uses torch's slower gather-then-matmul path", stacklevel=2)
+        return None
+    i32, i64, f32, ptr = ctypes.c_int, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
+    lib.gate_up.argtypes = [ptr, ptr, i64, i32, ptr, i64, ptr, i64, ptr, i32, i32, i32, f32, ptr, i32, i32]
+    lib.down.argtypes = [ptr, i64, i32, i64, i32, ptr, i32, ptr, i32]
+    lib.gate_up.restype = lib.down.restype = None
+    return lib
+
+
+def _row_bytes(t: torch.Tensor) -> int:
+    return t.stride(0) * t.element_size()
 
 
 class CpuBackend:
     name = "cpu"
 
-    def __init__(self):
-        self._local = threading.local()  # per-thread gather buffers, reused across calls
-
-    def _buffers(self, rows_per_chunk: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
-        bufs = getattr(self._local, "bufs", None)
-        if bufs is None or bufs[0].shape[0] < rows_per_chunk or bufs[0].shape[1] != d:
-            bufs = (torch.empty(rows_per_chunk, d), torch.empty(rows_per_chunk, d))
-            self._local.bufs = bufs
-        return bufs
+    def __init__(self, native: bool = True):
+        """native=False: always the torch path (tests and the benchmark compare the two)."""
+        self.lib = native_library() if native else None
 
     def gate_up(self, x, rows: FFNRows, active, act, threshold, h, full):
+        T = x.shape[0]
+        if self.lib is None or T > NATIVE_MAX_TOKENS:
+            return self._gate_up_torch(x, rows, active, act, threshold, h, full)
+        xf, active = x.float().contiguous(), active.contiguous()
+        self.lib.gate_up(rows.gate.data_ptr(), rows.up.data_ptr(), _row_bytes(rows.gate),
+                         WEIGHT_CODES[rows.weight_type], rows.neuron_idx.data_ptr(), rows.m, active.data_ptr(),
+                         active.shape[1], xf.data_ptr(), rows.d, T, ACT_CODES[act], threshold, h.data_ptr(),
+                         int(full), torch.get_num_threads())
+
+    def down(self, h, rows: FFNRows, y):
+        T = h.shape[0]
+        if self.lib is None or T > NATIVE_MAX_TOKENS:
+            return self._down_torch(h, rows, y)
+        h = h.contiguous()
+        out = y if y.dtype == torch.float32 else torch.empty(y.shape)
+        self.lib.down(rows.down_t.data_ptr(), _row_bytes(rows.down_t), WEIGHT_CODES[rows.weight_type], rows.m,
+                      rows.d, h.data_ptr(), T, out.data_ptr(), torch.get_num_threads())
+        if out is not y:
+            y.copy_(out)
+
+    def _gate_up_torch(self, x, rows, active, act, threshold, h, full):
         row_active = active[:, rows.neuron_idx]
         xf = x.float()
         hc = torch.zeros(row_active.shape)
-        sel = row_active.any(0).nonzero().squeeze(1)
-        if sel.numel() >= DENSE_FRACTION * rows.m:
-            hc = ffn_activation(xf @ rows.gate.T, xf @ rows.up.T, act, threshold) * row_active
-        else:
-            rows_per_chunk = max(1, CHUNK_BYTES // (4 * rows.d))
-            gate_buf, up_buf = self._buffers(rows_per_chunk, rows.d)
-            for chunk in sel.split(rows_per_chunk):
-                g = torch.index_select(rows.gate, 0, chunk, out=gate_buf[: chunk.numel()])
-                u = torch.index_select(rows.up, 0, chunk, out=up_buf[: chunk.numel()])
-                hc[:, chunk] = ffn_activation(xf @ g.T, xf @ u.T, act, threshold) * row_active[:, chunk]
+        for chunk in _chunks(row_active.any(0), rows):
+            g, u = rows.unpack(rows.gate, chunk), rows.unpack(rows.up, chunk)
+            hc[:, chunk] = ffn_activation(xf @ g.T, xf @ u.T, act, threshold) * row_active[:, chunk]
         if full:
             h[:, rows.neuron_idx] = hc
         else:
             h.copy_(hc)
 
-    def down(self, h, rows: FFNRows, y):
-        T, bags = h.shape[0], torch.get_num_threads()
-        token, row = (h != 0).nonzero().unbind(1)  # token-major, rows ascending
-        counts = torch.bincount(token, minlength=T)
-        starts = counts.cumsum(0) - counts
-        offsets = (starts[:, None] + counts[:, None] * torch.arange(bags) // bags).reshape(-1)
-        sums = F.embedding_bag(row, rows.down_t, offsets, mode="sum", per_sample_weights=h[token, row])
-        y.copy_(sums.view(T, bags, rows.d).sum(1))
+    def _down_torch(self, h, rows, y):
+        out = torch.zeros(y.shape)
+        for chunk in _chunks((h != 0).any(0), rows):
+            out += h[:, chunk] @ rows.unpack(rows.down_t, chunk)
+        y.copy_(out)
+
+
+def _chunks(needed: torch.Tensor, rows: FFNRows) -> list:
+    """The needed rows in chunks of CHUNK_BYTES of fp32: index tensors, or slices over all rows from
+    DENSE_FRACTION on (slices of f32 rows are multiplied in place)."""
+    rows_per_chunk = max(1, CHUNK_BYTES // (4 * rows.d))
+    sel = needed.nonzero().squeeze(1)
+    if sel.numel() >= DENSE_FRACTION * rows.m:
+        return [slice(i, i + rows_per_chunk) for i in range(0, rows.m, rows_per_chunk)]
+    return list(sel.split(rows_per_chunk))

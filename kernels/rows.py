@@ -1,11 +1,9 @@
-"""FFNRows: one device's share of a layer's FFN rows, packed once at load in the layout its backend reads.
+"""FFNRows: one device's share of a layer's FFN rows, packed once at load in the layout the kernels read.
 
-Layouts (and their bytes, which `bytes_per_neuron` gives exactly):
-- cuda: each matrix (m, row_bytes) in the weight type: f32/f16/bf16 elements, or GGUF Q8_0/Q4_0 blocks;
-  every row zero-padded to a multiple of 16 bytes (and of 8 elements) so the kernels read it in 16-byte loads.
-- cpu: each matrix (m, d) float32, whatever the weight type (quantized rows are dequantized once): PyTorch's
-  CPU fp16/bf16 products run at a fraction of memory bandwidth, fp32 ones at full speed.
-Both keep neuron_idx (m,) int64 beside the rows.
+One layout on both devices (its bytes, which `bytes_per_neuron` gives exactly): each matrix (m, row_bytes) in
+the weight type, f32/f16/bf16 elements or GGUF Q8_0/Q4_0 blocks, every row zero-padded to a multiple of 16
+bytes (and of 8 elements) so the CUDA kernels read it in 16-byte loads; neuron_idx (m,) int64 beside the rows.
+The CPU kernels also read the rows in place in their type (a half or a quarter of fp32's bytes).
 """
 from __future__ import annotations
 
@@ -23,10 +21,8 @@ def _round_up(n: int, k: int) -> int:
     return -(-n // k) * k
 
 
-def row_bytes(d: int, weight_type: str, device_type: str = "cuda") -> int:
+def row_bytes(d: int, weight_type: str) -> int:
     """Bytes of one packed row of d elements."""
-    if device_type == "cpu":
-        return 4 * d
     if weight_type in FLOAT_DTYPES:
         return _round_up(_round_up(d, 8) * FLOAT_DTYPES[weight_type].itemsize, 16)
     return _round_up(quant.row_bytes(d, weight_type), 16)
@@ -40,20 +36,17 @@ def _check_weight_type(weight_type: str, d: int):
 
 
 def _pack_matrix(name: str, w: torch.Tensor, d: int, weight_type: str, device: torch.device) -> torch.Tensor:
-    """One (m, d) matrix in the device's layout. Quantized types also accept (m, row_bytes) uint8 GGUF rows."""
+    """One (m, d) matrix in the packed layout on device. Quantized types also accept (m, row_bytes) uint8 GGUF rows."""
     m = w.shape[0]
     if w.dtype == torch.uint8:
         if weight_type not in quant.BLOCK_BYTES or w.shape[1] != quant.row_bytes(d, weight_type):
             raise TypeError(f"{name}: uint8 rows must be {weight_type} GGUF blocks of {quant.row_bytes(d, weight_type)}"
                             f" bytes for d={d}, got shape {tuple(w.shape)}")
-        blocks, w = w.cpu(), None
+        blocks = w.cpu()
     elif not w.is_floating_point():
         raise TypeError(f"{name}: expected a float tensor (or uint8 GGUF blocks), got {w.dtype}")
     elif weight_type in quant.BLOCK_BYTES:
         blocks = quant.quantize(w, weight_type)
-    if device.type == "cpu":
-        dense = quant.dequantize(blocks, weight_type, d) if w is None or weight_type in quant.BLOCK_BYTES else w
-        return dense.to(torch.float32).contiguous().clone()
     out = torch.zeros(m, row_bytes(d, weight_type), dtype=torch.uint8)
     if weight_type in FLOAT_DTYPES:
         out = out.view(FLOAT_DTYPES[weight_type])
@@ -88,9 +81,10 @@ class FFNRows:
 
     @staticmethod
     def bytes_per_neuron(d: int, weight_type: str, gated: bool = True, device: str = "cuda") -> int:
-        """Bytes one neuron takes in `device`'s layout: its 3 rows (2 if not gated) and its index."""
+        """Bytes one neuron takes on `device` ('cpu' or 'cuda': one layout): its 3 rows (2 if not gated) and its
+        index."""
         _check_weight_type(weight_type, d)
-        return (3 if gated else 2) * row_bytes(d, weight_type, torch.device(device).type) + 8
+        return (3 if gated else 2) * row_bytes(d, weight_type) + 8
 
     @classmethod
     def pack(cls, gate_rows, up_rows, down_t_rows, neuron_idx, device, weight_type) -> "FFNRows":
@@ -117,10 +111,14 @@ class FFNRows:
         min_n_ff = int(neuron_idx[-1]) + 1 if m else 0
         return cls(*packed, neuron_idx.to(device).contiguous(), d, weight_type, min_n_ff)
 
+    def unpack(self, t: torch.Tensor, rows=slice(None)) -> torch.Tensor:
+        """Rows `rows` (a slice or an index tensor) of the packed matrix t as (n, d) float32: the exact values
+        the kernels multiply (a view, not a copy, for a slice of f32 rows)."""
+        part = t[rows] if isinstance(rows, slice) else t.index_select(0, rows)
+        if self.weight_type in FLOAT_DTYPES:
+            return part[:, : self.d].float()
+        return quant.dequantize(part, self.weight_type, self.d)
+
     def dense(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(gate, up, down_t) as (m, d) float32 on the rows' device: the exact values the kernels multiply."""
-        def unpack(t):
-            if self.device.type == "cpu" or self.weight_type in FLOAT_DTYPES:
-                return t[:, : self.d].float()
-            return quant.dequantize(t, self.weight_type, self.d)
-        return unpack(self.gate), unpack(self.up), unpack(self.down_t)
+        """(gate, up, down_t) as (m, d) float32 on the rows' device."""
+        return self.unpack(self.gate), self.unpack(self.up), self.unpack(self.down_t)

@@ -50,6 +50,12 @@ def load_for_cli(args):
     return ckpt, model, time.perf_counter() - t0
 
 
+def require_tokenizer(ckpt):
+    if ckpt.tokenizer is None:
+        raise PowerInferError(f"{ckpt.path}: has no tokenizer (tokenizer.json, tokenizer.model or GGUF vocabulary)")
+    return ckpt.tokenizer
+
+
 def cmd_run(args) -> int:
     from .generate import Generator
     from .sampling import SamplingParams
@@ -60,8 +66,7 @@ def cmd_run(args) -> int:
 
         return run_hybrid(args)
     ckpt, model, load_s = load_for_cli(args)
-    _log(f"load: {load_s:.2f} s ({ckpt.kind}, {ckpt.config.n_layers} layers)")
-    tok = ckpt.tokenizer
+    tok = require_tokenizer(ckpt)
     prompt = tok.apply_chat(args.prompt) if args.chat else args.prompt
     ids = tok.encode(prompt)
     max_len = min(ckpt.config.max_seq_len, args.ctx or ckpt.config.max_seq_len)
@@ -70,6 +75,7 @@ def cmd_run(args) -> int:
     stream = TextStream(tok, sys.stdout)
     _, stats = gen.generate(ids, args.n_predict, params, eos_ids=tok.eos_ids, on_token=stream.push)
     stream.close()
+    _log(f"load: {load_s:.2f} s ({ckpt.kind}, {ckpt.config.n_layers} layers)")
     _log(f"prompt: {stats.prompt_tokens} tokens, {stats.prompt_tps:.1f} tok/s; "
          f"generation: {stats.generated_tokens} tokens, {stats.generate_tps:.1f} tok/s")
     return 0
@@ -86,7 +92,7 @@ def cmd_eval(args) -> int:
         from predictors import evaluate_cli
 
         return evaluate_cli(args, ckpt, model, docs)
-    result = perplexity(model, ckpt.tokenizer, docs, window=args.window)
+    result = perplexity(model, require_tokenizer(ckpt), docs, window=args.window)
     print(json.dumps(result))
     return 0
 

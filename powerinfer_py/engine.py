@@ -202,7 +202,7 @@ def keep_faster_full_gpu_ffn(model, ckpt: Checkpoint, gpu_masks, gpu_weight_type
 
 def run_hybrid(args) -> int:
     """`powerinfer-py run --vram-budget ...`: load, place, generate, and report every figure on stderr."""
-    from .cli import resolve_device_dtype
+    from .cli import require_tokenizer, resolve_device_dtype
     from .generate import Generator
     from .loader import load_checkpoint
     from .sampling import SamplingParams
@@ -223,9 +223,7 @@ def run_hybrid(args) -> int:
                          objective=args.objective, log=log)
     del ckpt.tensors  # the CPU keeps only its cold rows (packed by build_hybrid)
     load_s = time.perf_counter() - t0
-    tok = ckpt.tokenizer
-    if tok is None:
-        raise InputError(f"{args.model}: no tokenizer")
+    tok = require_tokenizer(ckpt)
     ids = tok.encode(tok.apply_chat(args.prompt) if args.chat else args.prompt)
     gen = Generator(setup.model, max_len=ctx, use_cuda_graph=not args.no_cuda_graph)
     params = SamplingParams(args.temp, args.top_k, args.top_p, args.min_p, args.repeat_penalty, seed=args.seed)

@@ -231,18 +231,20 @@ def doc_perplexity(model, tok: Tokenizer, docs: list[str], stats: GateStats, max
     """Perplexity with each document scored alone after EOT (as wiki-dev is scored), and per layer the
     inactive share over its tokens and the neurons never active on them."""
     device = model.norm.weight.device
-    nll, count, active_count, ever_active = 0.0, 0, 0, 0
+    cfg = model.config
+    nll, count = 0.0, 0
+    active_count = torch.zeros(cfg.n_layers, device=device)
+    ever_active = torch.zeros(cfg.n_layers, cfg.n_ff, dtype=torch.bool, device=device)
     for doc in docs:
         ids = torch.tensor([[0] + tok.encode(doc).ids[: max_len - 1]], device=device)
         with autocast(device):
             logits = model(ids[:, :-1])
         nll += F.cross_entropy(logits[0], ids[0, 1:], reduction="sum").item()
         active = torch.stack(stats.pop()[1])[:, 0]  # (layers, tokens, n_ff)
-        active_count = active_count + active.sum((1, 2))
-        ever_active = ever_active | active.any(1)
+        active_count += active.sum((1, 2))
+        ever_active |= active.any(1)
         count += ids.shape[1] - 1
-    n_ff = ever_active.shape[1]
-    inactive = (1 - active_count / (count * n_ff)).tolist()
+    inactive = (1 - active_count / (count * cfg.n_ff)).tolist()
     never = (~ever_active).sum(1).tolist()
     return math.exp(nll / count), count, inactive, never
 
@@ -299,7 +301,8 @@ def train_model(args):
                              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
                             lr=args.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
     offsets = torch.arange(args.seq_len + 1, device=device)
-    l1_weight, step, progress, start = args.l1, 0, 0.0, time.time()
+    l1_weight = torch.tensor(args.l1, device=device)  # a tensor, so the loop never waits for the GPU
+    step, progress, start = 0, 0.0, time.time()
     model.train()
     while progress < 1.0:  # the schedule runs on steps or wall time, whichever ends first
         lr = args.lr * min(1.0, (step + 1) / args.warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
@@ -319,13 +322,12 @@ def train_model(args):
         step += 1
         elapsed = time.time() - start
         progress = max(step / args.steps, elapsed / args.seconds)
+        inactive = 1 - torch.stack([a.float().mean() for a in active]).mean()
         if args.target_inactive and step > args.warmup:  # dual ascent on "mean inactive share >= target"
-            inactive = 1 - torch.stack([a.float().mean() for a in active]).mean().item()
-            l1_weight = max(0.0, l1_weight + args.l1_rate * (args.target_inactive - inactive))
+            l1_weight = (l1_weight + args.l1_rate * (args.target_inactive - inactive)).clamp(min=0)
         if step % args.log_every == 0 or progress >= 1.0:
-            inactive = 1 - torch.stack([a.float().mean() for a in active]).mean().item()
-            print(f"step {step} ce {ce.item():.3f} l1 {l1.item():.4f} l1_weight {l1_weight:.3f} "
-                  f"inactive {inactive:.3f} lr {lr:.2e} "
+            print(f"step {step} ce {ce.item():.3f} l1 {l1.item():.4f} l1_weight {l1_weight.item():.3f} "
+                  f"inactive {inactive.item():.3f} lr {lr:.2e} "
                   f"{step * args.batch * args.seq_len / elapsed:,.0f} tok/s {elapsed:.0f} s", flush=True)
     print(f"trained: {step} steps, {step * args.batch * args.seq_len:,} tokens, {time.time() - start:.0f} s")
 

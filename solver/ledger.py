@@ -137,6 +137,8 @@ def vram_ledger(cfg: ModelConfig, weight_type: str, ffn_weight_type: str, ctx_le
     and activations; ffn_weight_type (also q8_0, q4_0) that of the FFN rows, in the kernels' packed layout."""
     if weight_type not in DENSE_DTYPES:
         raise InputError(f"weight type {weight_type!r}: dense tensors are one of {', '.join(DENSE_DTYPES)}")
+    if ctx_len < 1 or batch < 1:
+        raise InputError(f"context length {ctx_len} and batch {batch}: both must be at least 1")
     if predictor_ranks is not None and len(predictor_ranks) != cfg.n_layers:
         raise InputError(f"predictor ranks: {len(predictor_ranks)} given for a model of {cfg.n_layers} layers")
     try:

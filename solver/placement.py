@@ -73,6 +73,8 @@ class PlacementProblem:
                 raise InputError(f"activation counts of layer {i}: negative or non-finite values")
         if group < 1:
             raise InputError(f"group size {group}: must be at least 1")
+        if tokens is not None and not tokens > 0:
+            raise InputError(f"tokens {tokens}: must be positive")
         self.ledger, self.budget, self.group, self.n_ff = ledger, budget_bytes, group, cfg.n_ff
         self.counts = np.stack([c.detach().cpu().double().numpy() for c in counts])  # (L, n_ff)
         self.order = np.argsort(-self.counts, axis=1, kind="stable")  # hottest first, ties by index

@@ -8,11 +8,13 @@ A layer whose neurons all live on the GPU has no CPU part and no hand-off. The o
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 
 import numpy as np
 
 from kernels import FFNRows
+from powerinfer_py.errors import InputError
 
 from .ledger import DENSE_DTYPES, Ledger
 
@@ -24,6 +26,13 @@ class Bandwidths:
     cpu: float = 116e9  # B/s, DRAM read with 16 threads
     pcie: float = 55e9  # B/s, pinned host<->device
     sync_s: float = 27e-6  # an 8 KB H2D + D2H + synchronize round trip
+
+    def __post_init__(self):
+        for name in ("gpu", "cpu", "pcie"):
+            if not getattr(self, name) > 0:
+                raise InputError(f"{name} bandwidth {getattr(self, name)}: must be positive")
+        if not self.sync_s >= 0:
+            raise InputError(f"sync time {self.sync_s}: must not be negative")
 
 
 @dataclass(frozen=True)
@@ -59,5 +68,6 @@ class TokenModel:
     @property
     def min_gpu_neurons(self) -> int:
         """The paper's C_l: the fewest GPU neurons whose saving pays for the hand-off, C t_gpu + T_sync <= C t_cpu,
-        with t the time to stream one neuron's rows on each side."""
-        return math.ceil(self.handoff_s / (self.cpu_s_per_neuron - self.gpu_s_per_neuron))
+        with t the time to stream one neuron's rows on each side (none if the CPU streams rows faster)."""
+        saving = self.cpu_s_per_neuron - self.gpu_s_per_neuron
+        return math.ceil(self.handoff_s / saving) if saving > 0 else sys.maxsize

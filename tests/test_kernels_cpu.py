@@ -1,12 +1,18 @@
-"""The CPU backend against float64 math on the rows' exact values: fresh random inputs every case."""
+"""The CPU backend (C kernels and the torch path) against float64 math on the rows' exact values: fresh random
+inputs every case."""
+import shutil
+import warnings
+
 import pytest
 import torch
 
-from kernels import FFNRows, sparse_down, sparse_ffn, sparse_gate_up, sparse_ffn_reference, sparse_gate_up_reference
+from kernels import FFNRows, get_backend, sparse_down, sparse_ffn, sparse_gate_up, sparse_ffn_reference
+from kernels import sparse_gate_up_reference
 from kernels import cpu
 from kernels.cases import random_mask, random_share
 
 F32_RTOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+HAS_CC = shutil.which("cc") is not None
 
 
 def rel_err(a, b):
@@ -19,21 +25,53 @@ def packed_case(m, d, n_ff, weight_type):
     return rows, [t.double() for t in rows.dense()]
 
 
-@pytest.mark.parametrize("weight_type", ["f32", "bf16", "q8_0", "q4_0"])
+@pytest.fixture(params=["native", "torch"])
+def path(request, monkeypatch):
+    """Run a test through the C kernels, then through the torch path."""
+    backend = get_backend("cpu")
+    if request.param == "native":
+        if backend.lib is None:
+            pytest.skip("no C compiler with OpenMP here")
+    else:
+        monkeypatch.setattr(backend, "lib", None)
+    return request.param
+
+
+@pytest.mark.skipif(not HAS_CC, reason="no C compiler (cc) on this machine")
+def test_native_kernels_build_here():
+    assert cpu.native_library() is not None and get_backend("cpu").lib is not None
+
+
+def test_broken_compiler_falls_back_with_a_warning(monkeypatch, tmp_path):
+    monkeypatch.setenv("CC", "false")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    cpu.native_library.cache_clear()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert cpu.native_library() is None
+        assert any("cannot build cpu_rows.c" in str(w.message) for w in caught)
+        assert not list(tmp_path.rglob("*.so"))
+    finally:
+        cpu.native_library.cache_clear()
+
+
+@pytest.mark.parametrize("weight_type", ["f32", "f16", "bf16", "q8_0", "q4_0"])
 @pytest.mark.parametrize("density", [0.05, 0.3, 1.0])
-@pytest.mark.parametrize("T", [1, 3])
-def test_cpu_ffn_matches_float64(weight_type, density, T):
-    d = 96 if weight_type.startswith("q") else 77
+@pytest.mark.parametrize("T", [1, 3, 17])
+def test_cpu_ffn_matches_float64(weight_type, density, T, path):
+    """d past one 512-element chunk of the C kernels and not a multiple of it; T=17 takes the torch path."""
+    d = 1056 if weight_type.startswith("q") else 1100 if density == 0.3 else 77
     rows, (gate, up, down_t) = packed_case(203, d, 500, weight_type)
     x, active = torch.randn(T, d), random_mask(T, 500, density)
     for act, threshold in [("relu", 0.0), ("drelu", 0.0), ("silu", 0.0), ("relu", 0.5)]:
         y = sparse_ffn(x, rows, active, act, threshold)
         ref = sparse_ffn_reference(x.double(), gate, up, down_t, rows.neuron_idx, active, act, threshold)
-        assert y.dtype == x.dtype and rel_err(y, ref) < F32_RTOL[torch.float32]
+        assert y.dtype == x.dtype and rel_err(y, ref) < F32_RTOL[torch.float32], (act, threshold)
 
 
 @pytest.mark.parametrize("x_dtype", [torch.float16, torch.bfloat16])
-def test_cpu_half_inputs_and_out_buffer(x_dtype):
+def test_cpu_half_inputs_and_out_buffer(x_dtype, path):
     rows, (gate, up, down_t) = packed_case(64, 40, 128, "f16")
     x, active = torch.randn(2, 40).to(x_dtype), random_mask(2, 128, 0.4)
     out = torch.full((2, 40), float("nan"), dtype=x_dtype)
@@ -42,17 +80,18 @@ def test_cpu_half_inputs_and_out_buffer(x_dtype):
     assert rel_err(out, ref) < F32_RTOL[x_dtype]
 
 
-def test_cpu_gather_in_several_chunks(monkeypatch):
-    """Small chunks exercise the chunk loop and the buffer reuse; the dense path covers the rest."""
+def test_cpu_torch_path_in_several_chunks(monkeypatch):
+    """Small chunks exercise the chunk loop; the high density the slices over all rows."""
+    monkeypatch.setattr(get_backend("cpu"), "lib", None)
     monkeypatch.setattr(cpu, "CHUNK_BYTES", 4 * 50 * 13)  # 13 rows a chunk
-    rows, (gate, up, down_t) = packed_case(300, 50, 400, "f32")
+    rows, (gate, up, down_t) = packed_case(300, 50, 400, "bf16")
     for density in (0.2, 0.9):
         x, active = torch.randn(2, 50), random_mask(2, 400, density)
         ref = sparse_ffn_reference(x.double(), gate, up, down_t, rows.neuron_idx, active)
         assert rel_err(sparse_ffn(x, rows, active), ref) < 1e-5
 
 
-def test_cpu_gate_up_full_writes_only_owned_columns():
+def test_cpu_gate_up_full_writes_only_owned_columns(path):
     rows, (gate, up, _) = packed_case(30, 24, 90, "f32")
     x, active = torch.randn(3, 24), random_mask(3, 90, 0.5)
     h = torch.full((3, 90), -7.0)
@@ -64,8 +103,17 @@ def test_cpu_gate_up_full_writes_only_owned_columns():
     assert (h[:, others] == -7.0).all()
 
 
+def test_cpu_compact_gate_up_writes_every_column(path):
+    rows, (gate, up, _) = packed_case(40, 64, 120, "q8_0")
+    x, active = torch.randn(2, 64), random_mask(2, 120, 0.2)
+    h = torch.full((2, 40), float("nan"))
+    sparse_gate_up(x, rows, active, out=h)
+    assert rel_err(h, sparse_gate_up_reference(x.double(), gate, up, rows.neuron_idx, active)) < 1e-6
+    assert (h[~active[:, rows.neuron_idx]] == 0).all()
+
+
 @pytest.mark.parametrize("density", [0.0, 1.0])
-def test_cpu_empty_and_full_masks(density):
+def test_cpu_empty_and_full_masks(density, path):
     rows, (gate, up, down_t) = packed_case(45, 33, 45, "f32")
     x, active = torch.randn(2, 33), random_mask(2, 45, density)
     y = sparse_ffn(x, rows, active)
@@ -76,10 +124,18 @@ def test_cpu_empty_and_full_masks(density):
         assert rel_err(y, ref) < 1e-5
 
 
-def test_cpu_down_uses_every_thread_bag_and_is_deterministic():
+@pytest.mark.parametrize("threads", [1, 3])
+def test_cpu_down_any_thread_count_and_deterministic(threads, path):
+    """More threads than needed rows too: a thread with no rows adds a zero partial."""
     rows, (_, _, down_t) = packed_case(97, 20, 97, "f32")
     h = torch.randn(4, 97) * (torch.rand(4, 97) < 0.5)
     h[2] = 0  # a token with no active rows
-    y1, y2 = sparse_down(h, rows), sparse_down(h, rows)
+    h[:, 5:] *= torch.rand(97 - 5) < 0.02  # few rows
+    default = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        y1, y2 = sparse_down(h, rows), sparse_down(h, rows)
+    finally:
+        torch.set_num_threads(default)
     assert torch.equal(y1, y2) and (y1[2] == 0).all()
     assert rel_err(y1, h.double() @ down_t) < 1e-6

@@ -5,11 +5,15 @@ from kernels import FFNRows, quant
 from kernels.cases import random_share
 
 
-@pytest.mark.parametrize("weight_type", ["f32", "f16", "bf16", "q8_0", "q4_0"])
-def test_cpu_nbytes_match_bytes_per_neuron(weight_type):
+@pytest.mark.parametrize("weight_type,row_bytes", [("f32", 256), ("f16", 128), ("bf16", 128), ("q8_0", 80),
+                                                   ("q4_0", 48)])
+def test_cpu_nbytes_match_bytes_per_neuron(weight_type, row_bytes):
+    """One layout on both devices: the CPU keeps the rows in their type (Q8_0: 68 bytes of blocks, padded)."""
     gate, up, down_t, idx = random_share(21, 64, 70)
     rows = FFNRows.pack(gate, up, down_t, idx, "cpu", weight_type)
-    assert rows.nbytes == 21 * FFNRows.bytes_per_neuron(64, weight_type, device="cpu") == 21 * (3 * 64 * 4 + 8)
+    per_neuron = FFNRows.bytes_per_neuron(64, weight_type, device="cpu")
+    assert rows.nbytes == 21 * per_neuron == 21 * (3 * row_bytes + 8)
+    assert per_neuron == FFNRows.bytes_per_neuron(64, weight_type, device="cuda")
 
 
 def test_cuda_layout_bytes():

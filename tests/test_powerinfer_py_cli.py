@@ -82,4 +82,5 @@ def test_wrong_tensor_shape(tmp_path, capsys):
     cfg = json.loads((tmp_path / "config.json").read_text())
     cfg["intermediate_size"] = 128
     (tmp_path / "config.json").write_text(json.dumps(cfg))
+    capsys.readouterr()
     assert_one_line_error(capsys, main(["run", "-m", str(tmp_path), "-p", "hi"]), "w_gate", "shape")
