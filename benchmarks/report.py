@@ -71,9 +71,40 @@ def part_table(part: dict) -> str:
         ppl = part["perplexity"]
         text += (f"\n\nPerplexity over {ppl['documents']} held-out documents ({ppl['tokens']} tokens): dense "
                  f"{ppl['dense']:.3f}, dense with the predictors' masks {ppl['dense_predicted']:.3f}.")
+    checks = target_checks(part)
+    if checks:
+        text += "\n\nTargets (issue #9): " + "; ".join(checks) + "."
     if notes:
         text += "\n\n" + "\n".join(f"{i}. {n}" for i, n in enumerate(notes, 1))
     return text
+
+
+def target_checks(part: dict) -> list[str]:
+    """The issue's targets against this part's numbers: speed-ups over the baselines (the Llama-2 parts),
+    the share of the modelled bound, and perplexity equal to dense within 1% (when measured)."""
+    ok = [r for r in part["rows"] if r["status"] == "ok" and r["budget"] is not None]
+    hybrids = [r for r in ok if r["system"] == "hybrid"]
+
+    def check(what, other, goal, llama_only=True):
+        if llama_only and not part["part"].startswith("llama2"):
+            return None
+        ratios = [h["decode_tps"] / o["decode_tps"] for h in hybrids for o in ok
+                  if o["system"] == other and o["budget"] == h["budget"]]
+        if not ratios:
+            return None
+        met = sum(r >= goal for r in ratios)
+        return f"{what}: {'met' if met == len(ratios) else 'not met'} (lowest {min(ratios):.2f}x)"
+
+    checks = [check("hybrid >= 3x layer split", "layer_split", 3.0),
+              check("hybrid >= 20x accelerate", "accelerate", 20.0),
+              check("hybrid >= 70% of the bound", "bound", 0.7, llama_only=False)]
+    dense = part.get("perplexity", {}).get("dense")
+    ppl = [h["ppl"] for h in hybrids if "ppl" in h]
+    if dense and ppl:
+        worst = max(abs(p / dense - 1) for p in ppl)
+        checks.append(f"hybrid perplexity within 1% of dense at every budget: {'met' if worst <= 0.01 else 'not met'}"
+                      f" (largest difference {worst:.2%})")
+    return [c for c in checks if c]
 
 
 def part_section(part: dict) -> str:
@@ -103,14 +134,18 @@ def write_markdown(parts: list[dict], path: str) -> None:
 
 def write_plot(parts: list[dict], path: str) -> bool:
     """Grouped bars of decode tokens/s (log scale) per budget and system, the bound as a line over each
-    group, the dense ceiling as a dashed line. False if matplotlib is missing."""
+    group, the dense ceiling as a dashed line. False if matplotlib is missing or there is nothing to plot."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    fig, axes = plt.subplots(1, len(parts), figsize=(4.5 * len(parts), 4), squeeze=False)
+    parts = [p for p in parts if any(r["status"] == "ok" for r in p["rows"])]
+    if not parts:
+        return False
+    colors = {"hybrid": "tab:blue", "layer_split": "tab:orange", "accelerate": "tab:green"}
+    fig, axes = plt.subplots(1, len(parts), figsize=(4.5 * len(parts), 4.4), squeeze=False)
     for ax, part in zip(axes[0], parts):
         ok = [r for r in part["rows"] if r["status"] == "ok"]
         budgets = list(dict.fromkeys(r["budget_label"] for r in ok if r["budget"] is not None))
@@ -122,22 +157,26 @@ def write_plot(parts: list[dict], path: str) -> bool:
                 if r:
                     xs.append(i + (j - 1) * width)
                     ys.append(r["decode_tps"])
-            ax.bar(xs, ys, width, label=LABELS[system])
+            if xs:
+                ax.bar(xs, ys, width, color=colors[system], label=LABELS[system])
         for i, label in enumerate(budgets):
             r = next((r for r in ok if r["system"] == "bound" and r["budget_label"] == label), None)
             if r:
-                ax.hlines(r["decode_tps"], i - 0.45, i + 0.45, colors="black",
-                          label=LABELS["bound"] if i == 0 else None)
+                ax.hlines(r["decode_tps"], i - 0.45, i + 0.45, colors="black", label=LABELS["bound"])
         dense = next((r for r in ok if r["system"] == "dense"), None)
         if dense:
             ax.axhline(dense["decode_tps"], color="gray", linestyle="--", label=LABELS["dense"])
-        ax.set_xticks(range(len(budgets)), budgets)
+        ax.set_xticks(range(len(budgets)), [b.replace(" (", "\n(").replace(", ", ",\n") for b in budgets], fontsize=7)
         ax.set_yscale("log")
-        ax.set_title(f"{part['part']} ({part['model']['weights'].split(' ')[0]})", fontsize=9)
+        ax.set_title(f"{part['part']}: {part['model']['weights']}", fontsize=9)
         ax.set_xlabel("VRAM budget")
         ax.set_ylabel("decode tokens/s")
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
+    handles = {}
+    for ax in axes[0]:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=len(handles), fontsize=8)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True

@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import sys
 import time
 import traceback
@@ -33,13 +34,12 @@ from benchmarks.report import write_report
 from benchmarks.synthetic import expected_counts, write_synthetic
 from benchmarks.timeline import trace_decode_step
 from kernels import FFNRows
-from kernels.quant import row_bytes
 from powerinfer_py.config import ModelConfig
 from powerinfer_py.engine import get_predictors
 from powerinfer_py.errors import BudgetError, PowerInferError
 from powerinfer_py.eval import perplexity, read_documents
 from powerinfer_py.formats import load_activations
-from powerinfer_py.formats.gguf import tensor_nbytes
+from powerinfer_py.formats.gguf import encode, tensor_nbytes
 from powerinfer_py.loader import build_model, expected_shapes, install_predictors, load_checkpoint
 from solver import format_bytes, parse_budget, vram_ledger
 
@@ -114,6 +114,12 @@ class Suite:
         self.results["notes"].append(text)
         self.save()
 
+    def fail(self, part: Part, error: Exception) -> None:
+        """Record a part that stopped with an error (after its last saved row)."""
+        if self.results is None or self.results["part"] != part.name:
+            self.start(part, {"weights": "not made", "description": "The part stopped before its model was ready."})
+        self.note(f"stopped with {type(error).__name__}: {error}")
+
     def add(self, system: str, base: dict, status: str = "ok", reason: str | None = None, **row) -> None:
         row = {"system": system, **base, "status": status, "reason": reason, **row}
         self.results["rows"].append(row)
@@ -125,7 +131,7 @@ class Suite:
         """Run one system unless the deadline is too close; its row (or why there is none) is saved."""
         left = self.deadline - time.monotonic()
         if left < need:
-            self.add(system, base, "skipped", f"out of time ({left:.0f} s left of --deadline {self.args.deadline:.0f} s)")
+            self.add(system, base, "skipped", f"out of time ({left:.0f} s left of --deadline {self.args.deadline:.0f})")
             return None
         try:
             row = fn()
@@ -145,14 +151,14 @@ class Suite:
         return row
 
     # -- the systems at each budget
-    def run_budgets(self, part: Part, ckpt, predictors, threshold, counts, tokens: float, prompt, model_bytes: int,
+    def run_budgets(self, part: Part, ckpt, predictors, threshold, counts, tokens: float, prompt, total_bytes: int,
                     ppl_docs=None) -> None:
         """Bound, hybrid, layer split and accelerate at every budget of the part, then the dense ceiling."""
         ledger = systems.engine_ledger(ckpt, predictors, part.gpu_weight_type)
-        traced = False
+        cold_type = systems.cold_row_type(part.gpu_weight_type)
         for spec in part.budgets:
             budget = budget_bytes(spec, ledger)
-            base = {"budget": budget, "budget_label": budget_label(spec, budget, model_bytes, ckpt.config)}
+            base = {"budget": budget, "budget_label": budget_label(spec, budget, total_bytes)}
             try:
                 ledger.ffn_budget(budget)
             except BudgetError as e:
@@ -161,13 +167,14 @@ class Suite:
             problem, placement = systems.solve(ledger, counts, tokens, budget, self.bandwidths,
                                                time_limit=2.0 if self.smoke else 10.0)
             masks = [m.numpy() for m in placement.gpu_masks]
-            self.add("bound", base, **systems.bound(problem, masks, self.bandwidths),
-                     solver={"status": placement.status, "seconds": placement.solve_time_s,
-                             "modelled_hit_rate": placement.hit_rate})
-            trace = self.args.trace and not traced and spec == part.budgets[-1]
+            row = systems.bound(problem, masks, self.bandwidths, cold_type)
+            if cold_type != part.gpu_weight_type:  # what reading the cold rows in the file's type would give
+                row[f"decode_tps_cold_rows_{part.gpu_weight_type}"] = systems.bound(
+                    problem, masks, self.bandwidths, part.gpu_weight_type)["decode_tps"]
+            self.add("bound", base, **row, solver={"status": placement.status, "seconds": placement.solve_time_s})
+            trace = self.args.trace and part.key == "7b" and spec == part.budgets[-1]
             self.measure("hybrid", base, lambda: self.hybrid(part, ckpt, budget, predictors, threshold, masks,
                                                              prompt, ppl_docs, trace), 3 * self.time_box)
-            traced = traced or trace
             self.measure("layer_split", base, lambda: systems.layer_split(ckpt, budget, prompt, self.time_box,
                                                                           self.device), 3 * self.time_box)
             if self.device == "cuda":
@@ -175,7 +182,8 @@ class Suite:
                                                                                     self.time_box), 3 * self.time_box)
             else:
                 self.add("accelerate", base, "skipped", "needs CUDA: accelerate offloads CPU weights to a GPU")
-        self.measure("dense", {"budget": None, "budget_label": "none (all on the GPU)"},
+        where = "GPU" if self.device == "cuda" else "CPU"
+        self.measure("dense", {"budget": None, "budget_label": f"none (whole model on the {where})"},
                      lambda: systems.dense(ckpt, prompt, self.time_box, self.device), 2 * self.time_box)
 
     def hybrid(self, part, ckpt, budget, predictors, threshold, masks, prompt, ppl_docs, trace) -> dict:
@@ -183,7 +191,8 @@ class Suite:
             return {"ppl": perplexity(model, ckpt.tokenizer, ppl_docs, systems.CTX, progress=False)["ppl"]} \
                 if ppl_docs else {}
 
-        gpuidx = f"{ckpt.path.rstrip('/')}.{budget}.gpuidx"
+        name = os.path.basename(ckpt.path.rstrip("/"))  # beside the synthetic model, as PowerInfer keeps it
+        gpuidx = os.path.join(self.args.work, part.name, f"{name}.{budget}.gpuidx")
         row, setup = systems.hybrid(ckpt, budget, predictors, threshold, masks, gpuidx, part.gpu_weight_type, prompt,
                                     self.time_box, self.device, before_timing=before_timing)
         row["gpuidx"] = gpuidx
@@ -234,14 +243,16 @@ class Suite:
         model_dir = find_smollm2(args.smollm2, args.work)
         docs_path = args.eval_data or os.path.join(SHARED, "data", "wiki-dev.txt")
         calib = args.calib or os.path.join(SHARED, "data", "calib.txt")
-        missing = [p for p, need in ((model_dir, True), (docs_path, True),
-                                     (calib, not (args.smollm2_predictors and args.smollm2_profile)))
-                   if need and not (p and os.path.exists(p))]
+        needed = (("the model (--smollm2)", model_dir, True), (f"--eval-data {docs_path}", docs_path, True),
+                  (f"--calib {calib}", calib, not (args.smollm2_predictors and args.smollm2_profile)))
+        missing = [what for what, path, need in needed if need and not (path and os.path.exists(path))]
         if missing:
-            self.log(f"{part.name}: skipped, missing {missing} (give --smollm2, --eval-data, --calib)")
+            self.start(part, {"weights": "real weights", "description": "relu-smollm2-135m: not run."})
+            self.note(f"not run: {', '.join(missing)} not found")
             return
         profile_dir = args.smollm2_profile or os.path.join(args.work, part.name, "profile")
         pred_dir = args.smollm2_predictors or os.path.join(args.work, part.name, "predictors")
+        os.makedirs(os.path.join(args.work, part.name), exist_ok=True)
         t0 = time.perf_counter()
         tokens = 4096 if self.smoke else args.smollm2_tokens
         for cmd, out in ((["profile", "--dump-dataset", "--max-tokens", str(tokens), "--data", calib], profile_dir),
@@ -279,21 +290,28 @@ class Suite:
         return {"dense": dense["ppl"], "dense_predicted": predicted["ppl"], "tokens": dense["tokens"]}
 
     def ledger_only(self, part: Part) -> None:
-        """70B Q4_0: what the ledger and the bound say, and why nothing is run (every figure computed)."""
+        """70B Q4_0: what the ledger and the bound say, and why nothing runs (every figure computed here)."""
         cfg, tokens = part.cfg, 1024
-        ranks = [part.rank] * cfg.n_layers
         self.start(part, {"weights": "no weights (ledger and bound only)", "description": (
             f"Llama-2-70B shapes ({describe_shape(cfg)}), FFN rows Q4_0 on the GPU, predictors of rank "
             f"{part.rank}; activation counts drawn from the target statistics (70% inactive, hottest 26% carry "
             f"80%) over {tokens} tokens, since no weights were made: see the notes.")})
-        ledger = vram_ledger(cfg, "f16", part.gpu_weight_type, systems.CTX, 1, ranks, embeddings_on_gpu=True)
+        ledger = vram_ledger(cfg, "f16", part.gpu_weight_type, systems.CTX, 1, [part.rank] * cfg.n_layers,
+                             embeddings_on_gpu=True)
         counts = expected_counts(cfg.n_layers, cfg.n_ff, tokens)
-        q4_cpu = 3 * row_bytes(cfg.dim, "q4_0") + 8
-        fp32_cpu = FFNRows.bytes_per_neuron(cfg.dim, part.gpu_weight_type, device="cpu")
-        neurons = cfg.n_layers * cfg.n_ff
+        block, block_bytes = GGML_QUANT_SIZES[Q4_0]
+        cold_type = systems.cold_row_type(part.gpu_weight_type)
+        attention = ledger.category_bytes()["attention"]
+        q4_attention = attention // 2 // block * block_bytes
+        first = budget_bytes(part.budgets[0], ledger)
+        self.note(f"At {format_bytes(first)} the dense parts, which PowerInfer's order places first, need "
+                  f"{format_bytes(ledger.dense_bytes)}, of which attention in fp16 (this engine keeps dense "
+                  f"weights fp16) {format_bytes(attention)}; with attention in Q4_0, as PowerInfer stores it, they "
+                  f"would need {format_bytes(ledger.dense_bytes - attention + q4_attention)}. Closing it needs "
+                  f"quantized attention weights on the GPU.")
         for spec in part.budgets:
             budget = budget_bytes(spec, ledger)
-            base = {"budget": budget, "budget_label": budget_label(spec, budget, None, cfg)}
+            base = {"budget": budget, "budget_label": budget_label(spec, budget, None)}
             try:
                 ledger.ffn_budget(budget)
             except BudgetError as e:
@@ -301,25 +319,25 @@ class Suite:
                 continue
             problem, placement = systems.solve(ledger, counts, tokens, budget, self.bandwidths, time_limit=10.0)
             masks = [m.numpy() for m in placement.gpu_masks]
-            cold = neurons - int(placement.hot_neurons.sum())
-            self.add("bound", base, **systems.bound(problem, masks, self.bandwidths), cold_neurons=cold,
-                     cpu_ram_fp32_rows=cold * fp32_cpu, cpu_ram_q4_0_rows=cold * q4_cpu)
-            problem.timing = dataclasses.replace(problem.timing, cpu_bytes_per_neuron=q4_cpu,
-                                                 cpu_s_per_neuron=q4_cpu / self.bandwidths.cpu)
-            self.add("bound", {**base, "budget_label": base["budget_label"] + ", Q4_0 CPU rows"},
-                     **systems.bound(problem, masks, self.bandwidths))
-            self.note(f"At {format_bytes(budget)} the cold rows need {format_bytes(cold * fp32_cpu)} of CPU RAM as "
-                      f"the CPU kernels store them (fp32, kernels/rows.py) and {format_bytes(cold * q4_cpu)} as "
-                      f"Q4_0; this machine has {format_bytes(ram_bytes())}.")
-        attention = ledger.category_bytes()["attention"]
-        block, block_bytes = GGML_QUANT_SIZES[Q4_0]
-        self.note(f"Not run: (1) this engine keeps attention fp16 on the GPU ({format_bytes(attention)} for 70B), "
-                  f"more than a 24 GiB card holds; PowerInfer keeps it Q4_0 "
-                  f"({format_bytes(attention // 2 * block_bytes // block)}). Closing it needs quantized dense "
-                  f"weights on the GPU. (2) The CPU kernels keep cold rows fp32, far over the RAM (see above); "
-                  f"closing it needs int8/Q4_0 CPU rows (the 'Q4_0 CPU rows' bound). (3) The Q4_0 PowerInfer file "
-                  f"({format_bytes(q4_0_file_bytes(cfg, part.rank))}) would fit the disk, but quantizing 69B values "
-                  f"with gguf's numpy quantizer does not fit a 10-minute device command.")
+            cold = cfg.n_layers * cfg.n_ff - int(placement.hot_neurons.sum())
+            ram = {t: cold * FFNRows.bytes_per_neuron(cfg.dim, t, device="cpu") for t in (cold_type, "q4_0")}
+            self.add("bound", base, **systems.bound(problem, masks, self.bandwidths, cold_type), cold_neurons=cold,
+                     cpu_ram_cold_rows=ram[cold_type])
+            if cold_type != "q4_0":
+                self.add("bound", {**base, "budget_label": base["budget_label"] + ", Q4_0 CPU rows"},
+                         **systems.bound(problem, masks, self.bandwidths, "q4_0"), cpu_ram_cold_rows=ram["q4_0"])
+            self.note(f"At {format_bytes(budget)} the engine's cold rows ({cold_type} on the CPU, as "
+                      f"hybrid.split_rows packs them) need {format_bytes(ram[cold_type])} of RAM, "
+                      f"{format_bytes(ram['q4_0'])} as Q4_0; this machine has {format_bytes(ram_bytes())}.")
+        sample = np.random.default_rng(0).standard_normal((256, cfg.dim), dtype=np.float32)
+        t0 = time.perf_counter()
+        encode(sample, Q4_0)
+        rate = sample.size / (time.perf_counter() - t0)
+        values = sum(int(np.prod(s)) for s in expected_shapes(cfg).values())
+        self.note(f"A Q4_0 PowerInfer file of these shapes takes {format_bytes(q4_0_file_bytes(cfg, part.rank))} "
+                  f"({format_bytes(shutil.disk_usage(self.args.work).free)} free in {self.args.work}); gguf's numpy "
+                  f"quantizer ran at {rate / 1e6:.1f}M values/s here, {values / rate / 60:.0f} min for its "
+                  f"{values / 1e9:.1f}B values.")
 
 
 def budget_bytes(spec: str, ledger) -> int:
@@ -332,7 +350,7 @@ def budget_bytes(spec: str, ledger) -> int:
     return parse_budget(spec)
 
 
-def budget_label(spec: str, budget: int, model_total: int | None, cfg) -> str:
+def budget_label(spec: str, budget: int, model_total: int | None) -> str:
     if spec.startswith("ffn:"):
         return f"{format_bytes(budget)} ({spec[4:]} of FFN on GPU)"
     return format_bytes(budget) + (f" ({budget / model_total:.0%} of the model)" if model_total else "")
@@ -404,18 +422,19 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default=None, help="scratch folder for generated models (default: /tmp/powerinfer-bench)")
     ap.add_argument("--deadline", type=float, default=540, help="seconds for the whole run; later systems are skipped")
     ap.add_argument("--time-box", type=float, default=None, help="seconds of timed generation per system (default 20)")
-    ap.add_argument("--trace", action="store_true", help="profile one hybrid decode step of the first synthetic part")
+    ap.add_argument("--trace", action="store_true", help="profile one hybrid decode step of the 7b part")
     ap.add_argument("--regenerate", action="store_true", help="write the synthetic models again even if present")
     ap.add_argument("--smollm2", default=None, help="relu-smollm2-135m Hugging Face folder")
     ap.add_argument("--smollm2-predictors", default=None, help="its predictor folder (default: trained in the run)")
     ap.add_argument("--smollm2-profile", default=None, help="its `profile --dump-dataset` folder (default: made)")
-    ap.add_argument("--smollm2-tokens", type=int, default=65536, help="calibration tokens for profiling/training")
+    ap.add_argument("--smollm2-tokens", type=int, default=32768, help="calibration tokens for profiling/training")
     ap.add_argument("--calib", default=None, help="calibration text (default ../shared/data/calib.txt)")
     ap.add_argument("--eval-data", default=None, help="held-out documents (default ../shared/data/wiki-dev.txt)")
     ap.add_argument("--ppl-docs", type=int, default=64, help="documents for perplexity")
     args = ap.parse_args(argv)
     args.work = args.work or os.path.join("/tmp", "powerinfer-bench-smoke" if args.smoke else "powerinfer-bench")
     os.makedirs(args.out, exist_ok=True)
+    os.makedirs(args.work, exist_ok=True)
     parts = SMOKE_PARTS if args.smoke else PARTS
     keys = args.only.split(",") if args.only else list(parts)
     unknown = [k for k in keys if k not in parts]
@@ -425,12 +444,12 @@ def main(argv=None) -> int:
     for key in keys:
         part = parts[key]
         t0 = time.perf_counter()
-        if part.key == "smollm2":
-            suite.smollm2(part)
-        elif part.key == "70b":
-            suite.ledger_only(part)
-        else:
-            suite.synthetic(part)
+        run = {"smollm2": suite.smollm2, "70b": suite.ledger_only}.get(part.key, suite.synthetic)
+        try:
+            run(part)
+        except Exception as e:  # a broken part must not cost the next ones their run
+            traceback.print_exc()
+            suite.fail(part, e)
         suite.log(f"{part.name}: done in {time.perf_counter() - t0:.0f} s")
         for path in write_report(args.out):
             suite.log(f"  wrote {path}")

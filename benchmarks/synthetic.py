@@ -122,7 +122,8 @@ class SyntheticLlama:
         return {"tok_embeddings.weight": embedding, "norm.weight": torch.ones(cfg.dim, device=self.device),
                 "output.weight": self.randn(cfg.vocab_size, cfg.dim, std=WEIGHT_STD)}
 
-    def layer_tensors(self, i: int) -> dict[str, torch.Tensor]:
+    def next_layer(self) -> dict[str, torch.Tensor]:
+        """The tensors of the layer after the last one made (runtime names without the layers.{i}. prefix)."""
         cfg, d, k = self.cfg, self.cfg.dim, self.pairs
         t = {"attention_norm.weight": torch.ones(d, device=self.device),
              "ffn_norm.weight": torch.ones(d, device=self.device),
@@ -159,7 +160,8 @@ class SyntheticLlama:
         fc2[:, 1:2 * k + 1:2], fc2[:, 2:2 * k + 2:2] = a, -a
         down = self.randn(d, cfg.n_ff, std=WEIGHT_STD)
         down[0] = 0
-        t.update({"feed_forward.w_gate.weight": gate, "feed_forward.w_up.weight": self.randn(cfg.n_ff, d, std=WEIGHT_STD),
+        up = self.randn(cfg.n_ff, d, std=WEIGHT_STD)
+        t.update({"feed_forward.w_gate.weight": gate, "feed_forward.w_up.weight": up,
                   "feed_forward.w_down.weight": down, "predictor.fc1.weight": fc1, "predictor.fc2.weight": fc2})
         self._advance(block, h, t)
         return t
@@ -206,7 +208,7 @@ def write_synthetic(path: str, cfg, rank: int, device, dtype, seed: int = 0, cal
                 current.clear()
                 if name.startswith("layers."):
                     layer = int(name.split(".")[1])
-                    current.update({f"layers.{layer}.{n}": w for n, w in model.layer_tensors(layer).items()})
+                    current.update({f"layers.{layer}.{n}": w for n, w in model.next_layer().items()})
                     if layer % 8 == 0 or layer == cfg.n_layers - 1:
                         log(f"  synthetic layer {layer + 1}/{cfg.n_layers} ({time.perf_counter() - t0:.0f} s)")
                 else:

@@ -12,6 +12,7 @@ counted, then REPEATS generations of the same prompt; prompt and decode speeds a
 new tokens is chosen from the warm-up so that a system fits its time box (slow offload gets a few tokens)."""
 from __future__ import annotations
 
+import dataclasses
 import gc
 import os
 import statistics
@@ -20,10 +21,12 @@ import time
 import numpy as np
 import torch
 
+from kernels import FFNRows
 from powerinfer_py.engine import DTYPE_NAMES, build_hybrid
 from powerinfer_py.formats import write_gpuidx
 from powerinfer_py.formats.hf import HF_TO_INTERNAL, rename
 from powerinfer_py.generate import Generator
+from powerinfer_py.hybrid import split_rows
 from powerinfer_py.layer_split import build_layer_split, gpu_layers_for_budget
 from powerinfer_py.loader import build_model
 from solver import PlacementProblem, solve_placement, vram_ledger
@@ -56,7 +59,7 @@ def new_tokens(prompt_s: float, token_s: float, time_box: float) -> int:
 
 def summarize(runs: list[dict], new: int) -> dict:
     """Medians of the runs' prompt and decode speeds (decode counts the steps after the prefill's token)."""
-    return {"prompt_tps": statistics.median(PROMPT_TOKENS / r["prompt_s"] for r in runs),
+    return {"prompt_tps": statistics.median(r["prompt_tokens"] / r["prompt_s"] for r in runs),
             "decode_tps": statistics.median(r["decode_steps"] / r["decode_s"] for r in runs),
             "new_tokens": new, "runs": runs}
 
@@ -69,7 +72,7 @@ def time_generator(model, prompt: list[int], time_box: float, use_graph: bool = 
     runs = []
     for _ in range(REPEATS):
         _, s = gen.generate(prompt, new)
-        runs.append({"prompt_s": s.prompt_seconds, "decode_s": s.generate_seconds,
+        runs.append({"prompt_tokens": s.prompt_tokens, "prompt_s": s.prompt_seconds, "decode_s": s.generate_seconds,
                      "decode_steps": s.generated_tokens - 1})
     return summarize(runs, new)
 
@@ -92,7 +95,8 @@ def time_hf(model, prompt: list[int], time_box: float) -> dict:
     runs = []
     for _ in range(REPEATS):
         prompt_s = seconds(1)
-        runs.append({"prompt_s": prompt_s, "decode_s": seconds(new) - prompt_s, "decode_steps": new - 1})
+        runs.append({"prompt_tokens": len(prompt), "prompt_s": prompt_s, "decode_s": seconds(new) - prompt_s,
+                     "decode_steps": new - 1})
     return summarize(runs, new)
 
 
@@ -125,11 +129,15 @@ def hybrid(ckpt, budget: int, predictors, threshold: float, masks, gpuidx: str, 
                          gpu_weight_type=gpu_weight_type, ctx_len=CTX, gpuidx=gpuidx)
     build_s = time.perf_counter() - t0
     extra = before_timing(setup.model) if before_timing else {}
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()  # the peak of decoding, not of the perplexity pass
     row = time_generator(setup.model, prompt, time_box)
     hot = sum(int(np.sum(m)) for m in setup.placement_masks)
     total = ckpt.config.n_layers * ckpt.config.n_ff
     row.update(extra, build_s=build_s, placement=setup.placement_source, gpu_neuron_share=hot / total,
                gpu_peak_bytes=peak_gpu_bytes())
+    row["cold_row_type"] = next((layer.feed_forward.cpu_rows.weight_type for layer in setup.model.layers
+                                 if getattr(layer.feed_forward, "cpu_rows", None) is not None), None)
     if setup.counters is not None:
         row["gpu_hit_rate"] = setup.counters.hit_rate
     return row, setup
@@ -175,8 +183,8 @@ def accelerate_offload(ckpt, budget: int, prompt, time_box: float, dtype=torch.f
     build_s = time.perf_counter() - t0
     row = time_hf(model, prompt, time_box)
     placed = list(device_map.values())
-    row.update(build_s=build_s, modules_on_gpu=sum(d == 0 for d in placed), modules_offloaded=sum(d == "cpu" for d in placed),
-               gpu_peak_bytes=peak_gpu_bytes())
+    row.update(build_s=build_s, modules_on_gpu=sum(d == 0 for d in placed),
+               modules_offloaded=sum(d == "cpu" for d in placed), gpu_peak_bytes=peak_gpu_bytes())
     return row
 
 
@@ -190,11 +198,21 @@ def dense(ckpt, prompt, time_box: float, device, dtype=torch.float16) -> dict:
     return row
 
 
-def bound(problem, masks, bandwidths) -> dict:
+def cold_row_type(gpu_weight_type: str) -> str:
+    """The layout the engine keeps cold rows in on the CPU (asked of hybrid.split_rows on a tiny layer)."""
+    w = torch.randn(4, 32)
+    return split_rows(w, w, w.T, np.zeros(4, dtype=bool), "cpu", gpu_weight_type)[1].weight_type
+
+
+def bound(problem, masks, bandwidths, cold_type: str) -> dict:
     """The modelled decode speed of `masks`: per layer max(GPU bytes / GPU bandwidth, active cold bytes / CPU
-    bandwidth + hand-off), summed, plus the output head (solver.timing.TokenModel)."""
+    bandwidth + hand-off), summed, plus the output head (solver.timing.TokenModel), with the cold rows read in
+    `cold_type` (the problem's time model is set to it)."""
+    per_neuron = FFNRows.bytes_per_neuron(problem.ledger.config.dim, cold_type, device="cpu")
+    problem.timing = dataclasses.replace(problem.timing, cpu_bytes_per_neuron=per_neuron,
+                                         cpu_s_per_neuron=per_neuron / bandwidths.cpu)
     placement = problem.placement(masks, "coverage", "given", None, 0.0)
     return {"decode_tps": placement.tokens_per_s, "token_time_s": placement.token_time_s,
-            "modelled_hit_rate": placement.hit_rate,
+            "cold_row_type": cold_type, "modelled_hit_rate": placement.hit_rate,
             "cpu_bytes_per_token": float(placement.cpu_bytes_per_token.sum()),
             "layer_time_s": placement.layer_time_s.tolist()}

@@ -115,7 +115,9 @@ def plan_tensors(source: HFTensors, cfg, predictors: list[dict], sparse: bool, o
         return produce
 
     def from_predictor(layer, key, ggml_type):
-        return lambda: encode(predictors[layer][key].float().numpy(), ggml_type)
+        # popped once written: the predictor files are memory-mapped, and a layer's file is unmapped when both of
+        # its tensors are gone, so memory stays near one tensor instead of every predictor
+        return lambda: encode(predictors[layer].pop(key).float().numpy(), ggml_type)
 
     plan = []
     for internal in file_order(cfg.n_layers):

@@ -26,6 +26,7 @@ from powerinfer_py.model import ffn_activation
 from .rows import FFNRows
 
 NATIVE_MAX_TOKENS = 16  # MAX_TOKENS in cpu_rows.c
+MIN_BYTES_PER_THREAD = 1 << 20  # of the share's rows: a small share takes fewer threads (each costs a wake-up)
 CHUNK_BYTES = 8 << 20  # fp32 bytes per matrix per chunk of the torch path: stays in L2/L3 between gather and product
 DENSE_FRACTION = 0.35  # from this share of needed rows on, the torch path multiplies all rows
 SOURCE = Path(__file__).with_name("cpu_rows.c")
@@ -73,6 +74,11 @@ def _row_bytes(t: torch.Tensor) -> int:
     return t.stride(0) * t.element_size()
 
 
+def _threads(t: torch.Tensor) -> int:
+    """Threads for a kernel over the packed matrix t (torch's number, fewer for small matrices)."""
+    return max(1, min(torch.get_num_threads(), t.shape[0] * _row_bytes(t) // MIN_BYTES_PER_THREAD))
+
+
 class CpuBackend:
     name = "cpu"
 
@@ -88,7 +94,7 @@ class CpuBackend:
         self.lib.gate_up(rows.gate.data_ptr(), rows.up.data_ptr(), _row_bytes(rows.gate),
                          WEIGHT_CODES[rows.weight_type], rows.neuron_idx.data_ptr(), rows.m, active.data_ptr(),
                          active.shape[1], xf.data_ptr(), rows.d, T, ACT_CODES[act], threshold, h.data_ptr(),
-                         int(full), torch.get_num_threads())
+                         int(full), _threads(rows.gate))
 
     def down(self, h, rows: FFNRows, y):
         T = h.shape[0]
@@ -97,7 +103,7 @@ class CpuBackend:
         h = h.contiguous()
         out = y if y.dtype == torch.float32 else torch.empty(y.shape)
         self.lib.down(rows.down_t.data_ptr(), _row_bytes(rows.down_t), WEIGHT_CODES[rows.weight_type], rows.m,
-                      rows.d, h.data_ptr(), T, out.data_ptr(), torch.get_num_threads())
+                      rows.d, h.data_ptr(), T, out.data_ptr(), _threads(rows.down_t))
         if out is not y:
             y.copy_(out)
 

@@ -2,9 +2,9 @@
 // convert to fp32 in registers: no gathered copy of the rows is ever made. kernels/cpu.py builds this file
 // with the system C compiler (-O3 -march=native -fopenmp) and calls it through ctypes.
 //
-// Both kernels first list the rows some token needs (every thread scans a slice, then the slices are joined
-// in order), then split that list evenly over the threads: each thread streams whole rows, and the result
-// does not depend on how fast each thread runs (sums are fp32 in a fixed order for a given thread count).
+// Both kernels first list the rows some token needs (every thread scans a slice of the rows), then split that
+// list evenly over the threads: each thread streams whole rows, and the result does not depend on how fast
+// each thread runs (sums are fp32 in a fixed order for a given thread count).
 #include <math.h>
 #include <omp.h>
 #if defined(__F16C__)
@@ -61,11 +61,23 @@ static const float* decode(const uint8_t* row, int wt, int c, int n, float* buf)
   return buf;
 }
 
-static float dot(const float* a, const float* b, int n) {
-  float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-  for (int i = 0; i < n; ++i) s += a[i] * b[i];
-  return s;
+// *g += gv . x and *u += uv . x over n elements, each in 32 independent lanes (8 FMA chains in flight).
+static void dot2(const float* gv, const float* uv, const float* x, int n, float* g, float* u) {
+  float gs[32] = {0}, us[32] = {0};
+  int i = 0;
+  for (; i + 32 <= n; i += 32)
+    for (int k = 0; k < 32; ++k) {
+      gs[k] += gv[i + k] * x[i + k];
+      us[k] += uv[i + k] * x[i + k];
+    }
+  for (; i < n; ++i) {
+    *g += gv[i] * x[i];
+    *u += uv[i] * x[i];
+  }
+  for (int k = 0; k < 32; ++k) {
+    *g += gs[k];
+    *u += us[k];
+  }
 }
 
 // powerinfer_py.model.ffn_activation for one neuron.
@@ -75,13 +87,19 @@ static float activation(float g, float u, int act, float threshold) {
   return a * (act == DRELU ? fmaxf(u, 0.0f) : u);
 }
 
-// Inside a parallel region: list[0..n) = the rows r < m with needed(r), ascending; returns n. Each thread
-// scans one slice of the rows into scan (m slots), then copies its finds to their place in list; counts has
-// one slot per thread plus one.
+// Inside a parallel region: the rows r < m with needed(r), ascending, as a list split evenly over the threads.
+// Each thread scans one slice of the rows into its part of scan (m slots) and counts its finds in counts (a
+// slot per thread); after one barrier every thread knows where each part lands in the joined list.
 typedef int (*needed_fn)(const void* ctx, int64_t r);
 
-static int64_t list_rows(needed_fn needed, const void* ctx, int64_t m, int32_t* scan, int32_t* list,
-                         int64_t* counts) {
+typedef struct {
+  const int32_t* scan;
+  const int64_t* counts;
+  int64_t m, n;  // n: rows listed in all
+  int nt;
+} row_list;
+
+static row_list list_rows(needed_fn needed, const void* ctx, int64_t m, int32_t* scan, int64_t* counts) {
   const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
   const int64_t r0 = m * tid / nt, r1 = m * (tid + 1) / nt;
   int64_t n = 0;
@@ -89,14 +107,23 @@ static int64_t list_rows(needed_fn needed, const void* ctx, int64_t m, int32_t* 
     if (needed(ctx, r)) scan[r0 + n++] = (int32_t)r;
   counts[tid] = n;
 #pragma omp barrier
-  int64_t start = 0, total = 0;
-  for (int k = 0; k < nt; ++k) {
-    if (k == tid) start = total;
-    total += counts[k];
+  row_list list = {scan, counts, m, 0, nt};
+  for (int k = 0; k < nt; ++k) list.n += counts[k];
+  return list;
+}
+
+// This thread's share of the joined list, [*i0, *i1), copied to joined[*i0, *i1) (m slots; shares do not overlap).
+static void my_share(const row_list* list, int32_t* joined, int64_t* i0, int64_t* i1) {
+  const int tid = omp_get_thread_num();
+  *i0 = list->n * tid / list->nt;
+  *i1 = list->n * (tid + 1) / list->nt;
+  int32_t* out = joined + *i0;
+  int64_t i = *i0, start = 0;  // start: where part k begins in the joined list
+  for (int k = 0; k < list->nt && i < *i1; ++k) {
+    const int64_t end = start + list->counts[k], r0 = list->m * k / list->nt;
+    for (; i < *i1 && i < end; ++i) *out++ = list->scan[r0 + i - start];
+    start = end;
   }
-  memcpy(list + start, scan + r0, n * sizeof(int32_t));
-#pragma omp barrier
-  return total;
 }
 
 typedef struct {
@@ -128,15 +155,16 @@ void gate_up(const uint8_t* gate, const uint8_t* up, int64_t row_bytes, int wt, 
              int64_t m, const uint8_t* active, int64_t n_ff, const float* x, int d, int T, int act,
              float threshold, float* h, int full, int n_threads) {
   const gate_up_ctx ctx = {neuron_idx, active, n_ff, T, h, full ? n_ff : m, full};
-  int32_t* scan = malloc(2 * m * sizeof(int32_t)), *list = scan + m;
+  int32_t* scan = malloc(2 * m * sizeof(int32_t)), *joined = scan + m;
   int64_t counts[n_threads];
 #pragma omp parallel num_threads(n_threads)
   {
-    const int64_t n = list_rows(gate_up_needed, &ctx, m, scan, list, counts);
-    const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
+    const row_list list = list_rows(gate_up_needed, &ctx, m, scan, counts);
+    int64_t i0, i1;
+    my_share(&list, joined, &i0, &i1);
     float gbuf[CHUNK], ubuf[CHUNK];
-    for (int64_t i = n * tid / nt; i < n * (tid + 1) / nt; ++i) {
-      const int64_t j = list[i];
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t j = joined[i];
       const uint8_t* grow = gate + j * row_bytes;
       const uint8_t* urow = up + j * row_bytes;
       float g[MAX_TOKENS] = {0}, u[MAX_TOKENS] = {0};
@@ -144,10 +172,7 @@ void gate_up(const uint8_t* gate, const uint8_t* up, int64_t row_bytes, int wt, 
         const int len = d - c < CHUNK ? d - c : CHUNK;
         const float* gv = decode(grow, wt, c, len, gbuf);
         const float* uv = decode(urow, wt, c, len, ubuf);
-        for (int t = 0; t < T; ++t) {
-          g[t] += dot(gv, x + (int64_t)t * d + c, len);
-          u[t] += dot(uv, x + (int64_t)t * d + c, len);
-        }
+        for (int t = 0; t < T; ++t) dot2(gv, uv, x + (int64_t)t * d + c, len, g + t, u + t);
       }
       const int64_t n_j = neuron_idx[j], col = full ? n_j : j;
       for (int t = 0; t < T; ++t)
@@ -175,18 +200,20 @@ static int down_needed(const void* p, int64_t r) {
 void down(const uint8_t* down_rows, int64_t row_bytes, int wt, int64_t m, int d, const float* h, int T,
           float* y, int n_threads) {
   const down_ctx ctx = {h, m, T};
-  int32_t* scan = malloc(2 * m * sizeof(int32_t)), *list = scan + m;
+  int32_t* scan = malloc(2 * m * sizeof(int32_t)), *joined = scan + m;
   float* partial = malloc((size_t)n_threads * T * d * sizeof(float));
   int64_t counts[n_threads];
 #pragma omp parallel num_threads(n_threads)
   {
-    const int64_t n = list_rows(down_needed, &ctx, m, scan, list, counts);
-    const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
+    const row_list list = list_rows(down_needed, &ctx, m, scan, counts);
+    const int tid = omp_get_thread_num(), nt = list.nt;
+    int64_t i0, i1;
+    my_share(&list, joined, &i0, &i1);
     float* acc = partial + (size_t)tid * T * d;
     memset(acc, 0, (size_t)T * d * sizeof(float));
     float buf[CHUNK];
-    for (int64_t i = n * tid / nt; i < n * (tid + 1) / nt; ++i) {
-      const int64_t r = list[i];
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t r = joined[i];
       for (int c = 0; c < d; c += CHUNK) {
         const int len = d - c < CHUNK ? d - c : CHUNK;
         const float* v = decode(down_rows + r * row_bytes, wt, c, len, buf);

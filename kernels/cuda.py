@@ -15,10 +15,13 @@ from powerinfer_py.model import ffn_activation
 
 WEIGHT_CODES = {"f32": 0, "f16": 1, "bf16": 2, "q8_0": 3, "q4_0": 4}
 ACT_CODES = {"relu": 0, "drelu": 1, "silu": 2}
-OUT_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # of x and of the output
 TOKEN_TILES = (1, 2, 4, 8)  # tokens per launch the kernels are compiled for
 THREADS = 256  # 8 warps; the kernels assume it
 COLS_PER_BLOCK = 256
+ROWS_PER_BLOCK = 32  # gate_up: candidate rows per block
+SEGMENT = 1024  # gate_up: row elements per work item
+GATE_UP_SMEM = 24 << 10  # gate_up's dynamic shared memory at most (its 18 KB static stay under 48 KB)
 # From this many tokens on, float rows go through cuBLAS over all rows (measured by `python -m kernels.bench`).
 DENSE_MIN_TOKENS = 4
 
@@ -26,8 +29,8 @@ DENSE_MIN_TOKENS = 4
 @functools.cache
 def _module(weight_type: str) -> cupy.RawModule:
     wt = WEIGHT_CODES[weight_type]
-    names = [f"gate_up<{wt},{tt}>" for tt in TOKEN_TILES] + [f"down_partial<{wt},{tt}>" for tt in TOKEN_TILES]
-    names += [f"down_reduce<{o}>" for o in OUT_CODES.values()]
+    names = [f"gate_up<{wt},{xt},{tt}>" for xt in DTYPE_CODES.values() for tt in TOKEN_TILES]
+    names += [f"down_partial<{wt},{tt}>" for tt in TOKEN_TILES] + [f"down_reduce<{o}>" for o in DTYPE_CODES.values()]
     src = Path(__file__).with_name("sparse_ffn.cu").read_text()
     return cupy.RawModule(code=src, options=("-std=c++17",), name_expressions=names)
 
@@ -41,21 +44,21 @@ def _ptr(t: torch.Tensor) -> np.uint64:
     return np.uint64(t.data_ptr())
 
 
-def _launch(kernel, grid, args, device: torch.device):
+def _launch(kernel, grid, args, device: torch.device, shared_mem: int = 0):
     with cupy.cuda.Device(device.index), cupy.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream):
-        kernel(grid, (THREADS,), args)
+        kernel(grid, (THREADS,), args, shared_mem=shared_mem)
 
 
 def _tile(T: int) -> int:
     return next(tt for tt in TOKEN_TILES if tt >= T)
 
 
-def _padded_x(x: torch.Tensor, rows: FFNRows) -> torch.Tensor:
-    """x as contiguous fp32 rows zero-padded to a multiple of 8 elements (the kernels read 8 at a time)."""
-    width = -(-rows.d // 8) * 8
-    if width == rows.d:
-        return x.float().contiguous()
-    xf = x.new_zeros((x.shape[0], width), dtype=torch.float32)
+def _kernel_x(x: torch.Tensor, rows: FFNRows) -> torch.Tensor:
+    """x as gate_up reads it (8 elements at a time, in 16-byte loads): x itself when it is contiguous, d a
+    multiple of 8 and 16-byte aligned (the kernels convert it in registers); else a zero-padded fp32 copy."""
+    if x.is_contiguous() and rows.d % 8 == 0 and x.data_ptr() % 16 == 0:
+        return x
+    xf = x.new_zeros((x.shape[0], -(-rows.d // 8) * 8), dtype=torch.float32)
     xf[:, : rows.d] = x
     return xf
 
@@ -68,16 +71,19 @@ class CudaBackend:
         T = x.shape[0]
         if T >= DENSE_MIN_TOKENS and rows.weight_type in FLOAT_DTYPES:
             return self._gate_up_dense(x, rows, active, act, threshold, h, full)
-        xf, active = _padded_x(x, rows), active.contiguous()
-        mod, wt = _module(rows.weight_type), rows.weight_type
-        for t0 in range(0, T, TOKEN_TILES[-1]):
-            n = min(T - t0, TOKEN_TILES[-1])
-            kernel = mod.get_function(f"gate_up<{WEIGHT_CODES[wt]},{_tile(n)}>")
+        xk, active = _kernel_x(x, rows), active.contiguous()
+        mod, wt = _module(rows.weight_type), WEIGHT_CODES[rows.weight_type]
+        smem_per_token = ROWS_PER_BLOCK * -(-rows.d // SEGMENT) * 2 * 4  # fp32 gate and up sums per segment
+        max_tile = max(tt for tt in TOKEN_TILES if smem_per_token * tt <= GATE_UP_SMEM)
+        for t0 in range(0, T, max_tile):
+            n = min(T - t0, max_tile)
+            tile = _tile(n)
+            kernel = mod.get_function(f"gate_up<{wt},{DTYPE_CODES[xk.dtype]},{tile}>")
             args = (_ptr(rows.gate), _ptr(rows.up), np.int64(rows.gate.stride(0) * rows.gate.element_size()),
                     _ptr(rows.neuron_idx), np.int32(rows.m), _ptr(active[t0]), np.int64(active.shape[1]),
-                    _ptr(xf[t0]), np.int32(rows.d), np.int32(xf.shape[1]), np.int32(n), np.int32(ACT_CODES[act]),
-                    np.float32(threshold), _ptr(h[t0]), np.int32(full))
-            _launch(kernel, (-(-rows.m // 8),), args, x.device)
+                    _ptr(xk[t0]), np.int64(xk.stride(0) * xk.element_size()), np.int32(rows.d), np.int32(n),
+                    np.int32(ACT_CODES[act]), np.float32(threshold), _ptr(h[t0]), np.int32(full))
+            _launch(kernel, (-(-rows.m // ROWS_PER_BLOCK),), args, x.device, smem_per_token * tile)
 
     def down(self, h, rows: FFNRows, y):
         """y (T, d) = h @ down_t over the rows with h != 0; fp32 partial sums per row split, reduced in order."""
@@ -90,7 +96,7 @@ class CudaBackend:
         rows_per_split = -(-rows.m // splits)
         splits = -(-rows.m // rows_per_split)
         mod, wt = _module(rows.weight_type), WEIGHT_CODES[rows.weight_type]
-        reduce_kernel = mod.get_function(f"down_reduce<{OUT_CODES[y.dtype]}>")
+        reduce_kernel = mod.get_function(f"down_reduce<{DTYPE_CODES[y.dtype]}>")
         h = h.contiguous()
         for t0 in range(0, T, TOKEN_TILES[-1]):
             n = min(T - t0, TOKEN_TILES[-1])

@@ -1,6 +1,6 @@
 // Sparse FFN kernels over rows gathered by a device-side mask (compiled by CuPy's NVRTC; no headers needed).
 // Rows are packed by kernels/rows.py: row_bytes a multiple of 16, float rows zero-padded to a multiple of 8
-// elements; x is fp32 (T, x_stride) zero-padded likewise. All sums are fp32 in a fixed order (deterministic).
+// elements; x likewise. All sums are fp32 in a fixed order (deterministic).
 
 #define FULL_MASK 0xffffffffu
 #define WARPS 8  // warps per block; every kernel runs 256 threads
@@ -16,20 +16,28 @@ __device__ __forceinline__ float half_to_float(unsigned short h) {
 
 __device__ __forceinline__ float bf16_to_float(unsigned short b) { return __uint_as_float((unsigned int)b << 16); }
 
-// Row<WT>::load8(row, c, v): elements c..c+7 of a row (c a multiple of 8) as fp32.
+// Row<WT>::load8(row, c, v): elements c..c+7 of a row (c a multiple of 8) as fp32. Float types also split it
+// into raw8 (the 16-byte loads, issued early) and decode8.
 template <int WT> struct Row;
 
 template <> struct Row<F32> {
-  static __device__ __forceinline__ void load8(const unsigned char* row, int c, float* v) {
+  struct Raw { float4 a, b; };
+  static __device__ __forceinline__ Raw raw8(const unsigned char* row, int c) {
     const float4* p = reinterpret_cast<const float4*>(row) + c / 4;
-    float4 a = __ldg(p), b = __ldg(p + 1);
-    v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w; v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+    return {__ldg(p), __ldg(p + 1)};
   }
+  static __device__ __forceinline__ void decode8(const Raw& r, float* v) {
+    v[0] = r.a.x; v[1] = r.a.y; v[2] = r.a.z; v[3] = r.a.w; v[4] = r.b.x; v[5] = r.b.y; v[6] = r.b.z; v[7] = r.b.w;
+  }
+  static __device__ __forceinline__ void load8(const unsigned char* row, int c, float* v) { decode8(raw8(row, c), v); }
 };
 
 template <> struct Row<F16> {
-  static __device__ __forceinline__ void load8(const unsigned char* row, int c, float* v) {
-    uint4 r = __ldg(reinterpret_cast<const uint4*>(row) + c / 8);
+  using Raw = uint4;
+  static __device__ __forceinline__ Raw raw8(const unsigned char* row, int c) {
+    return __ldg(reinterpret_cast<const uint4*>(row) + c / 8);
+  }
+  static __device__ __forceinline__ void decode8(const Raw& r, float* v) {
     unsigned int w[4] = {r.x, r.y, r.z, r.w};
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
@@ -37,11 +45,15 @@ template <> struct Row<F16> {
       v[2 * i + 1] = half_to_float(w[i] >> 16);
     }
   }
+  static __device__ __forceinline__ void load8(const unsigned char* row, int c, float* v) { decode8(raw8(row, c), v); }
 };
 
 template <> struct Row<BF16> {
-  static __device__ __forceinline__ void load8(const unsigned char* row, int c, float* v) {
-    uint4 r = __ldg(reinterpret_cast<const uint4*>(row) + c / 8);
+  using Raw = uint4;
+  static __device__ __forceinline__ Raw raw8(const unsigned char* row, int c) {
+    return __ldg(reinterpret_cast<const uint4*>(row) + c / 8);
+  }
+  static __device__ __forceinline__ void decode8(const Raw& r, float* v) {
     unsigned int w[4] = {r.x, r.y, r.z, r.w};
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
@@ -49,17 +61,18 @@ template <> struct Row<BF16> {
       v[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
     }
   }
+  static __device__ __forceinline__ void load8(const unsigned char* row, int c, float* v) { decode8(raw8(row, c), v); }
 };
 
-// GGUF Q8_0 block: fp16 scale, 32 int8.
+// GGUF Q8_0 block: fp16 scale, 32 int8. Quantized rows are read from copies staged in shared memory.
 template <> struct Row<Q8_0> {
   static __device__ __forceinline__ void load8(const unsigned char* row, int c, float* v) {
     const unsigned char* blk = row + (c >> 5) * 34;
-    const float d = half_to_float(__ldg(reinterpret_cast<const unsigned short*>(blk)));
+    const float d = half_to_float(*reinterpret_cast<const unsigned short*>(blk));
     const unsigned short* q = reinterpret_cast<const unsigned short*>(blk + 2 + (c & 31));
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      unsigned short s = __ldg(q + i);
+      unsigned short s = q[i];
       v[2 * i] = d * (float)(signed char)(s & 0xff);
       v[2 * i + 1] = d * (float)(signed char)(s >> 8);
     }
@@ -70,12 +83,12 @@ template <> struct Row<Q8_0> {
 template <> struct Row<Q4_0> {
   static __device__ __forceinline__ void load8(const unsigned char* row, int c, float* v) {
     const unsigned char* blk = row + (c >> 5) * 18;
-    const float d = half_to_float(__ldg(reinterpret_cast<const unsigned short*>(blk)));
+    const float d = half_to_float(*reinterpret_cast<const unsigned short*>(blk));
     const int j = c & 31, shift = j >= 16 ? 4 : 0;
     const unsigned short* q = reinterpret_cast<const unsigned short*>(blk + 2 + (j & 15));
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      unsigned int s = __ldg(q + i);
+      unsigned int s = q[i];
       v[2 * i] = d * (float)((int)((s >> shift) & 15) - 8);
       v[2 * i + 1] = d * (float)((int)((s >> (8 + shift)) & 15) - 8);
     }
@@ -89,43 +102,41 @@ __device__ __forceinline__ float ffn_activation(float g, float u, int act, float
   return a * (act == DRELU ? fmaxf(u, 0.0f) : u);
 }
 
-// h[t, j] (compact, stride m) or h[t, neuron_idx[j]] (full, stride n_ff) = activation of row j for token t,
-// 0 where active[t, neuron_idx[j]] is false. One warp per row (warps of inactive rows retire at once, so the
-// active rows' warps fill the GPU); a row no token needs is never read.
-template <int WT, int TT>
-__global__ void __launch_bounds__(256) gate_up(
-    const unsigned char* __restrict__ gate, const unsigned char* __restrict__ up, long long row_bytes,
-    const long long* __restrict__ neuron_idx, int m, const bool* __restrict__ active, long long n_ff,
-    const float* __restrict__ x, int d, int x_stride, int T, int act, float threshold,
-    float* __restrict__ h, int full) {
-  const int j = blockIdx.x * WARPS + (threadIdx.x >> 5);
-  const int lane = threadIdx.x & 31;
-  if (j >= m) return;
-  const long long n = neuron_idx[j];
-  bool on[TT];
-  bool any = false;
+#define ROWS_PER_BLOCK 32  // candidate rows per gate_up block (one warp checks them)
+#define SEG 1024           // elements of a row per gate_up work item: 32 lanes x 32, or 32 GGUF blocks
+
+// GGUF block bytes; quantized rows are staged in shared memory, 32 blocks of each matrix per warp.
+template <int WT> struct Quant { static constexpr int BYTES = 0; };
+template <> struct Quant<Q8_0> { static constexpr int BYTES = 34; };
+template <> struct Quant<Q4_0> { static constexpr int BYTES = 18; };
+
+// g[t] += (gate row . x_t) and u[t] likewise over elements [c0, c0 + SEG) of one row, this lane's share (the
+// warp adds the lanes up). Float rows: 8 elements per lane and step, the 4 steps' loads issued first.
+template <int WT, int XT, int TT>
+__device__ __forceinline__ void float_segment_dot(const unsigned char* grow, const unsigned char* urow, int c0,
+                                                  int d, const unsigned char* x, long long x_stride, int T,
+                                                  float* g, float* u, int lane) {
+  typename Row<WT>::Raw graw[4], uraw[4];
 #pragma unroll
-  for (int t = 0; t < TT; ++t) {
-    on[t] = t < T && active[t * n_ff + n];
-    any |= on[t];
+  for (int it = 0; it < 4; ++it) {
+    const int c = c0 + it * 256 + lane * 8;
+    if (c < d) {
+      graw[it] = Row<WT>::raw8(grow, c);
+      uraw[it] = Row<WT>::raw8(urow, c);
+    }
   }
-  float g[TT], u[TT];
 #pragma unroll
-  for (int t = 0; t < TT; ++t) g[t] = u[t] = 0.0f;
-  if (any) {
-    const unsigned char* grow = gate + j * row_bytes;
-    const unsigned char* urow = up + j * row_bytes;
-#pragma unroll 4
-    for (int c = lane * 8; c < d; c += 256) {
+  for (int it = 0; it < 4; ++it) {
+    const int c = c0 + it * 256 + lane * 8;
+    if (c < d) {
       float gv[8], uv[8];
-      Row<WT>::load8(grow, c, gv);
-      Row<WT>::load8(urow, c, uv);
+      Row<WT>::decode8(graw[it], gv);
+      Row<WT>::decode8(uraw[it], uv);
 #pragma unroll
       for (int t = 0; t < TT; ++t) {
         if (t < T) {
-          const float4* xp = reinterpret_cast<const float4*>(x + (long long)t * x_stride + c);
-          float4 a = __ldg(xp), b = __ldg(xp + 1);
-          float xv[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+          float xv[8];
+          Row<XT>::load8(x + t * x_stride, c, xv);
 #pragma unroll
           for (int k = 0; k < 8; ++k) {
             g[t] = fmaf(gv[k], xv[k], g[t]);
@@ -133,6 +144,138 @@ __global__ void __launch_bounds__(256) gate_up(
           }
         }
       }
+    }
+  }
+}
+
+// scale * (block . xv) for one GGUF block (in shared memory) and its 32 x values.
+template <int WT>
+__device__ __forceinline__ float block_dot(const unsigned char* blk, const float* xv) {
+  const float scale = half_to_float(*reinterpret_cast<const unsigned short*>(blk));
+  const unsigned short* q = reinterpret_cast<const unsigned short*>(blk + 2);
+  float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  if (WT == Q8_0) {
+#pragma unroll
+    for (int i = 0; i < 16; ++i) {
+      const unsigned short b = q[i];
+      s[i & 3] = fmaf((float)(signed char)(b & 0xff), xv[2 * i], s[i & 3]);
+      s[i & 3] = fmaf((float)(signed char)(b >> 8), xv[2 * i + 1], s[i & 3]);
+    }
+  } else {  // element k < 16: the low nibble of byte k; k + 16: its high nibble
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const unsigned short b = q[i];
+      s[i & 3] = fmaf((float)((int)(b & 15) - 8), xv[2 * i], s[i & 3]);
+      s[i & 3] = fmaf((float)((int)((b >> 8) & 15) - 8), xv[2 * i + 1], s[i & 3]);
+      s[i & 3] = fmaf((float)((int)((b >> 4) & 15) - 8), xv[16 + 2 * i], s[i & 3]);
+      s[i & 3] = fmaf((float)((int)(b >> 12) - 8), xv[16 + 2 * i + 1], s[i & 3]);
+    }
+  }
+  return scale * ((s[0] + s[1]) + (s[2] + s[3]));
+}
+
+// The same for quantized rows: the warp copies the segment's (up to) 32 GGUF blocks of each matrix to shared
+// memory in coalesced 16-byte loads (a segment starts 16-byte aligned: 32 blocks are 1088 or 576 bytes and rows
+// are padded to 16; the last, shorter segment's bytes rounded up to 16 stay inside the padded row), then lane
+// l decodes block l.
+template <int WT, int XT, int TT>
+__device__ __forceinline__ void quant_segment_dot(const unsigned char* grow, const unsigned char* urow, int c0,
+                                                  int d, const unsigned char* x, long long x_stride, int T,
+                                                  float* g, float* u, unsigned char* stage, int lane) {
+  constexpr int BB = Quant<WT>::BYTES;
+  const int n_blocks = min(32, (d - c0) / 32);
+  const int n16 = (n_blocks * BB + 15) / 16;
+  const uint4* gsrc = reinterpret_cast<const uint4*>(grow + (c0 / 32) * BB);
+  const uint4* usrc = reinterpret_cast<const uint4*>(urow + (c0 / 32) * BB);
+  uint4* gdst = reinterpret_cast<uint4*>(stage);
+  uint4* udst = reinterpret_cast<uint4*>(stage + 32 * BB);
+  uint4 ga[3], ua[3];  // 1088 bytes = 68 loads: at most 3 per lane
+#pragma unroll
+  for (int q = 0; q < 3; ++q) {
+    if (lane + 32 * q < n16) {
+      ga[q] = __ldg(gsrc + lane + 32 * q);
+      ua[q] = __ldg(usrc + lane + 32 * q);
+    }
+  }
+#pragma unroll
+  for (int q = 0; q < 3; ++q) {
+    if (lane + 32 * q < n16) {
+      gdst[lane + 32 * q] = ga[q];
+      udst[lane + 32 * q] = ua[q];
+    }
+  }
+  __syncwarp();
+  if (lane < n_blocks) {
+    const int c = c0 + lane * 32;
+#pragma unroll
+    for (int t = 0; t < TT; ++t) {
+      if (t < T) {
+        float xv[32];
+#pragma unroll
+        for (int k = 0; k < 4; ++k) Row<XT>::load8(x + t * x_stride, c + 8 * k, xv + 8 * k);
+        g[t] += block_dot<WT>(stage + lane * BB, xv);
+        u[t] += block_dot<WT>(stage + 32 * BB + lane * BB, xv);
+      }
+    }
+  }
+  __syncwarp();  // the warp's next work item overwrites the stage
+}
+
+// h[t, j] (compact, stride m) or h[t, neuron_idx[j]] (full, stride n_ff) = activation of row j for token t,
+// 0 where active[t, neuron_idx[j]] is false. x: (T, d) rows of x_stride bytes in type XT (F32/F16/BF16),
+// zero-padded to a multiple of 8 elements, 16-byte aligned. Block b: warp 0 lists which of the candidate rows
+// [32 b, 32 b + 32) some token needs (the others get h = 0 and are never read); the 8 warps then share the
+// work items (listed row, 1024-element segment), so one row's loads are spread over several warps and are in
+// flight together; the segments' sums are added in order (deterministic), then the activation is applied.
+// Dynamic shared memory: 32 * segments * TT * 2 floats.
+template <int WT, int XT, int TT>
+__global__ void __launch_bounds__(256) gate_up(
+    const unsigned char* __restrict__ gate, const unsigned char* __restrict__ up, long long row_bytes,
+    const long long* __restrict__ neuron_idx, int m, const bool* __restrict__ active, long long n_ff,
+    const unsigned char* __restrict__ x, long long x_stride, int d, int T, int act, float threshold,
+    float* __restrict__ h, int full) {
+  extern __shared__ float partial[];  // [listed row][segment][token][gate, up]
+  __shared__ int list_row[ROWS_PER_BLOCK], list_on[ROWS_PER_BLOCK], n_listed;
+  __shared__ long long list_neuron[ROWS_PER_BLOCK];
+  __shared__ __align__(16) unsigned char stage[WARPS][2 * 32 * Quant<WT>::BYTES + 16];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int segs = (d + SEG - 1) / SEG;
+  const long long h_stride = full ? n_ff : m;
+  if (warp == 0) {
+    const int j = blockIdx.x * ROWS_PER_BLOCK + lane;
+    long long n = 0;
+    int on = 0;  // bit t: token t has this row's neuron active
+    if (j < m) {
+      n = neuron_idx[j];
+#pragma unroll
+      for (int t = 0; t < TT; ++t)
+        if (t < T && active[t * n_ff + n]) on |= 1 << t;
+    }
+    const unsigned int listed = __ballot_sync(FULL_MASK, on != 0);
+    if (on) {
+      const int k = __popc(listed & ((1u << lane) - 1));
+      list_row[k] = j;
+      list_on[k] = on;
+      list_neuron[k] = n;
+    } else if (j < m) {
+      for (int t = 0; t < T; ++t) h[t * h_stride + (full ? n : j)] = 0.0f;
+    }
+    if (lane == 0) n_listed = __popc(listed);
+  }
+  __syncthreads();
+  const int items = n_listed * segs;
+  for (int item = warp; item < items; item += WARPS) {
+    const int k = item / segs, s = item - k * segs;
+    const long long j = list_row[k];
+    float g[TT], u[TT];
+#pragma unroll
+    for (int t = 0; t < TT; ++t) g[t] = u[t] = 0.0f;
+    if constexpr (Quant<WT>::BYTES > 0) {
+      quant_segment_dot<WT, XT, TT>(gate + j * row_bytes, up + j * row_bytes, s * SEG, d, x, x_stride, T, g, u,
+                                    stage[warp], lane);
+    } else {
+      float_segment_dot<WT, XT, TT>(gate + j * row_bytes, up + j * row_bytes, s * SEG, d, x, x_stride, T, g, u,
+                                    lane);
     }
 #pragma unroll
     for (int t = 0; t < TT; ++t) {
@@ -142,17 +285,60 @@ __global__ void __launch_bounds__(256) gate_up(
         u[t] += __shfl_xor_sync(FULL_MASK, u[t], off);
       }
     }
-  }
-  if (lane == 0) {
+    if (lane == 0) {
 #pragma unroll
-    for (int t = 0; t < TT; ++t) {
-      if (t < T) {
-        const float a = on[t] ? ffn_activation(g[t], u[t], act, threshold) : 0.0f;
-        if (full) h[t * n_ff + n] = a;
-        else h[(long long)t * m + j] = a;
+      for (int t = 0; t < TT; ++t) {
+        partial[((k * segs + s) * TT + t) * 2] = g[t];
+        partial[((k * segs + s) * TT + t) * 2 + 1] = u[t];
       }
     }
   }
+  __syncthreads();
+  for (int i = threadIdx.x; i < n_listed * TT; i += blockDim.x) {
+    const int k = i / TT, t = i - k * TT;
+    if (t >= T) continue;
+    float gs = 0.0f, us = 0.0f;
+    for (int s = 0; s < segs; ++s) {
+      gs += partial[((k * segs + s) * TT + t) * 2];
+      us += partial[((k * segs + s) * TT + t) * 2 + 1];
+    }
+    const float a = (list_on[k] >> t) & 1 ? ffn_activation(gs, us, act, threshold) : 0.0f;
+    h[t * h_stride + (full ? list_neuron[k] : (long long)list_row[k])] = a;
+  }
+}
+
+// v[q] = this lane's 8 columns (c) of row base + lanes[q] (q < 4, lanes[q] < 0: none) of quantized rows: the
+// rows' 8 GGUF blocks under the block's 256 columns (272 or 144 bytes at a multiple of that: 16-byte aligned;
+// the last, shorter column block's bytes rounded up to 16 stay inside the padded row) are copied to the warp's
+// stage in coalesced 16-byte loads, then each lane decodes its columns.
+template <int WT>
+__device__ __forceinline__ void load_quant_rows(const unsigned char* down, long long row_bytes, int base,
+                                                const int* lanes, int col0, int c, int d, unsigned char* stage,
+                                                int lane, float (*v)[8]) {
+  constexpr int BB = Quant<WT>::BYTES;
+  const int n16 = (min(8, (d - col0) / 32) * BB + 15) / 16;
+  uint4 raw[4];
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    if (lanes[q] >= 0 && lane < n16) {
+      const unsigned char* src = down + (long long)(base + lanes[q]) * row_bytes + (col0 / 32) * BB;
+      raw[q] = __ldg(reinterpret_cast<const uint4*>(src) + lane);
+    }
+  }
+#pragma unroll
+  for (int q = 0; q < 4; ++q)
+    if (lanes[q] >= 0 && lane < n16) reinterpret_cast<uint4*>(stage + q * 8 * BB)[lane] = raw[q];
+  __syncwarp();
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    if (lanes[q] >= 0 && c < d) {
+      Row<WT>::load8(stage + q * 8 * BB, c - col0, v[q]);
+    } else {
+#pragma unroll
+      for (int k = 0; k < 8; ++k) v[q][k] = 0.0f;
+    }
+  }
+  __syncwarp();  // the warp's next rows overwrite the stage
 }
 
 // partial[s, t, c] = sum over rows r of split s (ascending) with h[t, r] != 0 of h[t, r] * down[r, c].
@@ -163,6 +349,7 @@ __global__ void __launch_bounds__(256) down_partial(
     const unsigned char* __restrict__ down, long long row_bytes, int m, int d,
     const float* __restrict__ h, int T, int rows_per_split, float* __restrict__ partial) {
   __shared__ float red[TT * 256];
+  __shared__ __align__(16) unsigned char stage[WARPS][4 * 8 * Quant<WT>::BYTES + 16];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int c = blockIdx.x * 256 + lane * 8;
   const bool col_ok = c < d;
@@ -194,13 +381,17 @@ __global__ void __launch_bounds__(256) down_partial(
         }
       }
       float v[4][8];
+      if constexpr (Quant<WT>::BYTES > 0) {
+        load_quant_rows<WT>(down, row_bytes, base, lanes, blockIdx.x * 256, c, d, stage[warp], lane, v);
+      } else {
 #pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        if (lanes[q] >= 0 && col_ok) {
-          Row<WT>::load8(down + (long long)(base + lanes[q]) * row_bytes, c, v[q]);
-        } else {
+        for (int q = 0; q < 4; ++q) {
+          if (lanes[q] >= 0 && col_ok) {
+            Row<WT>::load8(down + (long long)(base + lanes[q]) * row_bytes, c, v[q]);
+          } else {
 #pragma unroll
-          for (int k = 0; k < 8; ++k) v[q][k] = 0.0f;
+            for (int k = 0; k < 8; ++k) v[q][k] = 0.0f;
+          }
         }
       }
 #pragma unroll

@@ -134,7 +134,7 @@ class Attention(nn.Module):
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if self.kv_cache is None:  # no cache: plain causal attention over this call's tokens
+        if mask is None:  # no cache: plain causal attention over this call's tokens
             y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=True)
         else:
             k, v = self.kv_cache.update(input_pos, k, v)
@@ -237,21 +237,24 @@ class Transformer(nn.Module):
                                                device or own.device)
 
     def forward(self, tokens, input_pos=None, kv_len: int | None = None, last_only: bool = False):
-        """tokens (B, T); input_pos (T,) their positions. kv_len: how much of the cache to attend to (eager);
-        None attends over the whole cache under the mask (static shapes for graphs)."""
+        """tokens (B, T); input_pos (T,) their positions in the KV cache. kv_len: how much of the cache to attend
+        to (eager); None attends over the whole cache under the mask (static shapes for graphs). Without
+        input_pos, a stand-alone causal pass that leaves the cache alone (perplexity, profiling)."""
+        use_cache = input_pos is not None and self.max_len > 0
         if input_pos is None:
             input_pos = torch.arange(tokens.shape[1], device=tokens.device)
-        x, cos, sin, mask = self.embed(tokens, input_pos, kv_len)
+        x, cos, sin, mask = self.embed(tokens, input_pos, kv_len, use_cache)
         for layer in self.layers:
             x = layer(x, cos, sin, input_pos, kv_len, mask)
         return self.head(x[:, -1:] if last_only else x)
 
-    def embed(self, tokens, input_pos, kv_len=None):
-        """Token embeddings, RoPE cos/sin and the attention mask over the cache, shared by all layers."""
+    def embed(self, tokens, input_pos, kv_len=None, use_cache=True):
+        """Token embeddings, RoPE cos/sin and, with the KV cache, the attention mask over it (key position <=
+        query position, over the attended length), shared by all layers. No mask: no cache."""
         x = self.tok_embeddings(tokens)
         cos, sin = rope_cos_sin(self.config, self.inv_freq, self.rope_scale, input_pos, x.dtype)
         mask = None
-        if self.max_len:  # with a KV cache: key position <= query position, over the attended length
+        if use_cache:
             mask = torch.arange(kv_len or self.max_len, device=x.device)[None, :] <= input_pos[:, None]
         return x, cos, sin, mask
 

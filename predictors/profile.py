@@ -22,7 +22,7 @@ def token_windows(tokenizer, text: str, window: int, max_tokens: int | None = No
         raise InputError(f"the text has {len(ids)} tokens; profiling needs at least 2")
     windows = [ids[i:i + window] for i in range(0, len(ids), window)]
     if max_tokens is not None and max_tokens < len(ids):
-        n = max(1, max_tokens // window)
+        n = -(-max_tokens // window)
         step = len(windows) / n
         windows = [windows[int(k * step)] for k in range(n)]
         windows[-1] = windows[-1][:max_tokens - window * (n - 1)]

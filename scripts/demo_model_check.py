@@ -5,7 +5,9 @@
 
 Loads it as LlamaForCausalLM (fp32), checks that powerinfer_py.model.Transformer on the same weights gives
 the same logits, and prints the per-document perplexity on heldout.txt, the per-layer share of inactive FFN
-neurons (gate_proj output <= 0) on those tokens, and greedy continuations of a few prompts.
+neurons (gate_proj output <= 0) on those tokens, and greedy continuations of a few prompts. With
+--heldout-all (the data stage's heldout_all.txt.xz) it also prints the token-level perplexity over all
+held-out documents in max_position_embeddings windows, as the training script measures it.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from transformers import AutoTokenizer, LlamaForCausalLM
 
 from powerinfer_py.config import ModelConfig
 from powerinfer_py.model import Transformer
-from train_demo_model import hf_name
+from train_demo_model import hf_name, read_docs
 
 
 def runtime_model(hf: LlamaForCausalLM) -> Transformer:
@@ -31,9 +33,22 @@ def runtime_model(hf: LlamaForCausalLM) -> Transformer:
 
 
 @torch.no_grad()
+def stream_perplexity(hf: LlamaForCausalLM, tok, path: Path, batch: int = 16) -> tuple[float, int]:
+    """All documents of an xz file joined into one stream (EOT before each), cut into full windows."""
+    ids = torch.tensor([i for doc in read_docs(path) for i in [tok.bos_token_id] + tok.encode(doc)])
+    seq = hf.config.max_position_embeddings
+    n = (len(ids) - 1) // seq
+    x, y = ids[: n * seq].view(n, seq), ids[1 : n * seq + 1].view(n, seq)
+    nll = sum(F.cross_entropy(hf(x[i : i + batch]).logits.flatten(0, 1).float(), y[i : i + batch].flatten(),
+                              reduction="sum").item() for i in range(0, n, batch))
+    return math.exp(nll / (n * seq)), n * seq
+
+
+@torch.no_grad()
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("folder", nargs="?", default="powerinfer_py/demo_model")
+    ap.add_argument("--heldout-all", type=Path, help="heldout_all.txt.xz from the data stage")
     ap.add_argument("--prompts", nargs="*", default=["The kernel", "Python is", "A list comprehension"])
     args = ap.parse_args()
     folder = Path(args.folder)
@@ -67,6 +82,10 @@ def main():
     print("inactive share per layer: " + " ".join(f"{s:.3f}" for s in inactive)
           + f" (mean {sum(inactive) / len(inactive):.3f}); never active: {(~ever_active).sum(1).tolist()}"
           + f" of {cfg.intermediate_size}")
+    if args.heldout_all:
+        ppl, n = stream_perplexity(hf, tok, args.heldout_all)
+        print(f"{args.heldout_all}: perplexity {ppl:.2f} over {n:,} tokens "
+              f"in {cfg.max_position_embeddings}-token windows")
     for prompt in args.prompts:
         ids = torch.tensor([[tok.bos_token_id] + tok.encode(prompt)])
         out = hf.generate(ids, max_new_tokens=60, do_sample=False)

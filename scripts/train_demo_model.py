@@ -193,6 +193,11 @@ class GateStats:
         return l1, active
 
 
+def read_docs(path: Path) -> list[str]:
+    """The documents of a train.txt.xz / heldout_all.txt.xz written by the data stage."""
+    return lzma.decompress(path.read_bytes()).decode().split(EOT)
+
+
 def autocast(device):
     """bf16 autocast on the GPU; fp32 on the CPU (where bf16 matmuls are slow), for dry runs."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
@@ -286,8 +291,8 @@ def train_model(args):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tok = Tokenizer.from_file(str(data / "tokenizer.json"))
     t0 = time.time()
-    train_ids, heldout_ids = (encode_stream(tok, lzma.decompress((data / name).read_bytes()).decode().split(EOT), device)
-                              for name in ("train.txt.xz", "heldout_all.txt.xz"))
+    train_ids = encode_stream(tok, read_docs(data / "train.txt.xz"), device)
+    heldout_ids = encode_stream(tok, read_docs(data / "heldout_all.txt.xz"), device)
     heldout_docs = (data / "heldout.txt").read_text().strip().split("\n\n")
     print(f"tokens: train {len(train_ids):,} held-out {len(heldout_ids):,} ({time.time() - t0:.0f} s to encode)")
 

@@ -20,7 +20,7 @@ from .ledger import DENSE_DTYPES, format_bytes, parse_budget, vram_ledger
 from .placement import OBJECTIVES, Placement, PlacementProblem, solve_placement
 from .timing import Bandwidths
 
-DEFAULT_CTX = 4096
+DEFAULT_CTX = 2048  # the engine's (powerinfer_py/engine.py), so `run` reuses what `solve` writes
 
 
 def default_gpuidx_path(model_path: str) -> str:
@@ -72,12 +72,11 @@ def format_report(placement: Placement, ledger, budget: int, problem: PlacementP
         lines.append(f"{i:>5} {placement.hot_neurons[i]:>7} {100 * placement.hot_neurons[i] / problem.n_ff:>6.1f} "
                      f"{100 * placement.gpu_share[i]:>8.2f}% {placement.cpu_bytes_per_token[i] / 2**20:>13.3f} "
                      f"{1e6 * placement.layer_time_s[i]:>8.1f}")
-    gap = "unknown" if placement.gap is None else f"{100 * placement.gap:.3f}%"
+    solved = "" if placement.gap is None else f", gap {100 * placement.gap:.3f}%, {placement.solve_time_s:.2f} s"
     lines += [
         f"GPU hit rate {100 * placement.hit_rate:.2f}%; modelled {placement.tokens_per_s:.2f} tok/s "
         f"({1e3 * placement.token_time_s:.2f} ms/token, CPU {placement.cpu_bytes_per_token.sum() / 2**20:.1f} "
-        f"MiB/token); {placement.objective} objective, {placement.status}, gap {gap}, "
-        f"{placement.solve_time_s:.2f} s",
+        f"MiB/token); {placement.objective} objective, {placement.status}{solved}",
         f"C_l (communication constraint) {problem.min_gpu_neurons} neurons; counts over "
         f"{problem.timing.tokens:.0f} tokens; group {problem.group}",
         "",
@@ -94,17 +93,23 @@ def cmd_solve(args) -> int:
         raise InputError(f"--time-limit {args.time_limit}: must be positive")
     ctx = args.ctx or min(DEFAULT_CTX, cfg.max_seq_len)
     ledger = vram_ledger(cfg, args.dtype, args.ffn_type or args.dtype, ctx, args.batch, predictor_ranks(args, cfg),
-                         embeddings_on_gpu=args.embeddings_on_gpu)
+                         embeddings_on_gpu=not args.embeddings_on_cpu)
     bandwidths = Bandwidths(gpu=args.gpu_bw * 1e9, cpu=args.cpu_bw * 1e9, pcie=args.pcie_bw * 1e9,
                             sync_s=args.sync_us * 1e-6)
-    if args.sweep_budget is not None:
-        return sweep(args, ledger, bandwidths)
-    budget = parse_budget(args.vram_budget)
-    output = args.output or default_gpuidx_path(args.model)
-    if args.evaluate is None:
-        check_writable(output, args.force)  # fail before solving, not after
+    if args.sweep_budget is not None:  # check every argument before the counts load
+        groups = parse_int_list(args.sweep_group, "--sweep-group") if args.sweep_group else [args.group]
+        settings = [(b, g) for b in parse_budget_list(args.sweep_budget) for g in groups]
+        if args.csv:
+            check_writable(args.csv, args.force)
+    else:
+        budget = parse_budget(args.vram_budget)
+        output = args.output or default_gpuidx_path(args.model)
+        if args.evaluate is None:
+            check_writable(output, args.force)
     counts = load_activations(args.activation, cfg.n_layers, cfg.n_ff)
     tokens = args.tokens or profiled_tokens(args.activation)
+    if args.sweep_budget is not None:
+        return sweep(args, settings, counts, tokens, ledger, bandwidths)
     problem = PlacementProblem(counts, ledger, budget, args.group, bandwidths, tokens, args.min_gpu_neurons)
     if args.evaluate is not None:
         masks, capacity = read_gpuidx(args.evaluate, cfg.n_layers, cfg.n_ff)
@@ -116,31 +121,25 @@ def cmd_solve(args) -> int:
     write_gpuidx(output, placement.gpu_masks, budget, force=args.force)
     if args.report:
         print(format_report(placement, ledger, budget, problem))
-    gap = "" if placement.gap is None else f", gap {100 * placement.gap:.3f}%"
     print(f"solve: GPU hit rate {100 * placement.hit_rate:.2f}%, modelled {placement.tokens_per_s:.2f} tok/s, "
-          f"{placement.status}{gap} in {placement.solve_time_s:.2f} s -> {output}", file=sys.stderr)
+          f"{placement.status}, gap {100 * placement.gap:.3f}% in {placement.solve_time_s:.2f} s -> {output}",
+          file=sys.stderr)
     return 0
 
 
 SWEEP_FIELDS = ("budget", "group", "objective", "hot_neurons", "hit_rate", "tokens_per_s", "solve_s", "status", "gap")
 
 
-def sweep(args, ledger, bandwidths) -> int:
+def sweep(args, settings, counts, tokens, ledger, bandwidths) -> int:
     """One solve per (budget, group): a table on stdout and, with --csv, the same rows as CSV."""
-    budgets = parse_budget_list(args.sweep_budget)
-    groups = parse_int_list(args.sweep_group, "--sweep-group") if args.sweep_group else [args.group]
-    if args.csv:
-        check_writable(args.csv, args.force)
-    counts = load_activations(args.activation, ledger.config.n_layers, ledger.config.n_ff)
-    tokens = args.tokens or profiled_tokens(args.activation)
     rows = []
     print(f"{'budget':>10} {'group':>5} {'hot':>9} {'hit rate':>8} {'tok/s':>8} {'solve s':>7}  status")
-    for budget, group in tqdm([(b, g) for b in budgets for g in groups], desc="sweep", file=sys.stderr):
+    for budget, group in tqdm(settings, desc="sweep", file=sys.stderr):
         problem = PlacementProblem(counts, ledger, budget, group, bandwidths, tokens, args.min_gpu_neurons)
         p = solve_placement(problem, args.objective, args.time_limit)
         rows.append(dict(budget=budget, group=group, objective=args.objective, hot_neurons=int(p.hot_neurons.sum()),
                          hit_rate=p.hit_rate, tokens_per_s=p.tokens_per_s, solve_s=p.solve_time_s, status=p.status,
-                         gap="" if p.gap is None else p.gap))
+                         gap=p.gap))
         tqdm.write(f"{format_bytes(budget):>10} {group:>5} {rows[-1]['hot_neurons']:>9} {100 * p.hit_rate:>7.2f}% "
                    f"{p.tokens_per_s:>8.2f} {p.solve_time_s:>7.2f}  {p.status}", file=sys.stdout)
     if args.csv:
@@ -172,7 +171,8 @@ def register(subparsers) -> None:
     g.add_argument("--batch", type=int, default=1)
     g.add_argument("--predictors", help="predictor folder, to charge its ranks (PowerInfer GGUFs: read from the file)")
     g.add_argument("--predictor-rank", type=int, help="charge predictors of this rank in every layer")
-    g.add_argument("--embeddings-on-gpu", action="store_true")
+    g.add_argument("--embeddings-on-cpu", action="store_true",
+                   help="do not charge the token embeddings (the engine keeps them on the GPU)")
     g = p.add_argument_group("time model (defaults: measured on the H100 device, shared/docs/device-facts.md)")
     g.add_argument("--gpu-bw", type=float, default=3000.0, help="GB/s, HBM")
     g.add_argument("--cpu-bw", type=float, default=116.0, help="GB/s, DRAM read with all threads")

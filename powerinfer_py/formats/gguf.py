@@ -158,9 +158,10 @@ class GGUFFile:
         return self.metadata.get("general.architecture")
 
     def raw(self, name: str) -> np.ndarray:
-        """The stored bytes of a tensor as uint8 rows (a view of the memory map)."""
+        """The stored bytes of a tensor as uint8 rows (a view of the memory map, as a plain ndarray: the
+        dequantizers slice it thousands of times, and each np.memmap slice costs a Python-level finalizer)."""
         t = self.tensors[name]
-        data = self._mm[t.offset:t.offset + t.nbytes]
+        data = np.asarray(self._mm[t.offset:t.offset + t.nbytes])
         rows = int(np.prod(t.shape[:-1], dtype=np.int64)) if t.shape else 1
         return data.reshape(rows, -1) if t.nbytes else data
 
@@ -467,7 +468,10 @@ def load_gguf_checkpoint(path: str):
         if internal is None and m is None:
             raise ModelFormatError(f"{path}: unexpected tensor {name}")
         data = from_gguf_layout(name, f.array(name), cfg)
-        tensor = torch.from_numpy(np.array(data, dtype=np.float16 if data.dtype == np.float16 else np.float32))
+        # a C-order copy: ffn_down_t's transpose would otherwise stay a strided view, and matmuls over it sum in
+        # another order than over the Hugging Face tensor (logits then differ in the last bits)
+        dtype = np.float16 if data.dtype == np.float16 else np.float32
+        tensor = torch.from_numpy(np.array(data, dtype=dtype, order="C"))
         if m is not None:
             if int(m.group(1)) >= cfg.n_layers:
                 raise ModelFormatError(f"{path}: tensor {name} is beyond the {cfg.n_layers} layers")

@@ -19,7 +19,7 @@ def layer_files(folder: str, pattern: str, what: str, n_layers: int | None = Non
     expected = set(range(n_layers if n_layers is not None else max(found) + 1))
     missing, extra = sorted(expected - set(found)), sorted(set(found) - expected)
     if missing or extra:
-        raise InputError(f"{folder}: {what} files do not match the {len(expected)} layers"
+        raise InputError(f"{folder}: {what} files do not match the model's {len(expected)} layers"
                          + (f"; missing layers {missing}" if missing else "")
                          + (f"; extra layers {extra}" if extra else ""))
     return [os.path.join(folder, found[i]) for i in sorted(found)]

@@ -24,12 +24,13 @@ def save_predictors(folder: str, layers: list[dict], sparse_threshold: float, ex
 
 def load_predictors(folder: str, n_layers: int | None = None, dim: int | None = None,
                     n_ff: int | None = None) -> tuple[list[dict], float]:
-    """(per-layer {'fc1.weight', 'fc2.weight'} in layer order, sparse_threshold). Checks count and shapes."""
+    """(per-layer {'fc1.weight', 'fc2.weight'} in layer order, sparse_threshold). Checks count and shapes.
+    The tensors are memory-mapped from the files, so checking a 7B model's predictors reads almost nothing."""
     paths = layer_files(folder, "model_{i}.pt", "predictor", n_layers)
     out = []
     for path in paths:
         try:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
+            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # read when first used
         except Exception as e:
             raise InputError(f"{path}: cannot read predictor ({e.__class__.__name__})") from None
         if not isinstance(sd, dict) or "fc1.weight" not in sd or "fc2.weight" not in sd:
