@@ -7,7 +7,6 @@ bandwidth is weight bytes x tokens/s, against the device-to-device copy bandwidt
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import torch

@@ -253,21 +253,22 @@ class Suite:
         profile_dir = args.smollm2_profile or os.path.join(args.work, part.name, "profile")
         pred_dir = args.smollm2_predictors or os.path.join(args.work, part.name, "predictors")
         os.makedirs(os.path.join(args.work, part.name), exist_ok=True)
+        trained = not os.path.exists(pred_dir)
         t0 = time.perf_counter()
         tokens = 4096 if self.smoke else args.smollm2_tokens
+        recall = ["--target-recall", str(args.smollm2_recall)] if args.smollm2_recall else []
         for cmd, out in ((["profile", "--dump-dataset", "--max-tokens", str(tokens), "--data", calib], profile_dir),
-                         (["train-predictors", "--data", profile_dir], pred_dir)):
+                         (["train-predictors", "--data", profile_dir] + recall, pred_dir)):
             if not os.path.exists(out):
                 self.log(f"{part.name}: powerinfer-py {cmd[0]} -> {out}")
                 run_cli(cmd + ["-m", model_dir, "-o", out])
-        trained_s = time.perf_counter() - t0
+        made = f"in this run ({time.perf_counter() - t0:.0f} s with profiling)" if trained else f"before ({pred_dir})"
         ckpt = load_checkpoint(model_dir)
         predictors, threshold = get_predictors(ckpt, pred_dir)
         with open(os.path.join(profile_dir, "stats.json")) as f:
             profiled = json.load(f)
         docs = read_documents(docs_path)[:8 if self.smoke else args.ppl_docs]
-        self.start(part, {"weights": "real weights", "description": smollm2_description(pred_dir, profiled,
-                                                                                        trained_s)})
+        self.start(part, {"weights": "real weights", "description": smollm2_description(pred_dir, profiled, made)})
         ppl = self.dense_perplexity(ckpt, predictors, threshold, docs)
         self.results["perplexity"] = {"documents": len(docs), "source": os.path.basename(docs_path), **ppl}
         self.save()
@@ -400,17 +401,17 @@ def find_smollm2(given: str | None, work: str) -> str | None:
     return dest
 
 
-def smollm2_description(pred_dir: str, profiled: dict, seconds: float) -> str:
+def smollm2_description(pred_dir: str, profiled: dict, made: str) -> str:
     report_path = os.path.join(pred_dir, "train_report.json")
-    trained = ""
+    quality = ""
     if os.path.exists(report_path):
         with open(report_path) as f:
             layers = json.load(f)["layers"]
         recall = np.mean([r["heldout"]["recall"] for r in layers])
         ratio = np.mean([r["active_ratio"] for r in layers])
-        trained = f"; held-out predictor recall {recall:.1%}, {ratio:.2f}x the true active neurons computed"
+        quality = f"; held-out predictor recall {recall:.1%}, {ratio:.2f}x the true active neurons computed"
     return (f"relu-smollm2-135m (../shared: real weights, fp16), predictors trained with `powerinfer-py "
-            f"train-predictors` on {profiled['tokens']} tokens of calib.txt ({seconds:.0f} s with profiling){trained}; "
+            f"train-predictors` {made} on {profiled['tokens']} tokens of calib.txt{quality}; "
             f"{profiled['mean_sparsity']:.1%} of FFN neurons inactive per token in the profile.")
 
 
@@ -428,6 +429,9 @@ def main(argv=None) -> int:
     ap.add_argument("--smollm2-predictors", default=None, help="its predictor folder (default: trained in the run)")
     ap.add_argument("--smollm2-profile", default=None, help="its `profile --dump-dataset` folder (default: made)")
     ap.add_argument("--smollm2-tokens", type=int, default=32768, help="calibration tokens for profiling/training")
+    ap.add_argument("--smollm2-recall", type=float, default=None,
+                    help="train-predictors --target-recall (default: the trainer's); higher keeps perplexity closer "
+                         "to dense at the cost of more active neurons")
     ap.add_argument("--calib", default=None, help="calibration text (default ../shared/data/calib.txt)")
     ap.add_argument("--eval-data", default=None, help="held-out documents (default ../shared/data/wiki-dev.txt)")
     ap.add_argument("--ppl-docs", type=int, default=64, help="documents for perplexity")

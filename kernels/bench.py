@@ -185,6 +185,24 @@ def token_sweep(timer, records):
     cuda_backend.DENSE_MIN_TOKENS = default
 
 
+def down_split_sweep(timer, records):
+    """sparse_down (f16) with more or fewer row splits: cuda.DOWN_BLOCKS_PER_SM."""
+    from . import cuda as cuda_backend
+    default = cuda_backend.DOWN_BLOCKS_PER_SM
+    for shape, (d, n_ff) in SHAPES.items():
+        rows = random_rows(d, n_ff, "f16")
+        out = torch.empty(1, d, device="cuda", dtype=torch.float16)
+        for density in (0.05, 0.1, 0.5):
+            h = [torch.randn(1, n_ff, device="cuda") * (torch.rand(1, n_ff, device="cuda") < density / 2)
+                 for _ in range(ROWS_PER_CALL)]  # relu zeroes about half the active rows
+            for blocks_per_sm in (2, 4, 8, 16):
+                cuda_backend.DOWN_BLOCKS_PER_SM = blocks_per_sm
+                t = timer.seconds(lambda i: sparse_down(h[i], rows, out=out))
+                records.append(dict(device="gpu", shape=shape, weight_type="f16", density=density, T=1,
+                                    impl=f"down sweep: {blocks_per_sm} blocks per SM", us=t * 1e6))
+    cuda_backend.DOWN_BLOCKS_PER_SM = default
+
+
 # ---------------------------------------------------------------- CPU
 
 CPU_WEIGHT_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
@@ -368,6 +386,7 @@ def main(argv=None):
         meta["copy_GBs"] = copy_bandwidth() / 1e9
         gpu_bench(timer, meta["copy_GBs"] * 1e9, records)
         token_sweep(timer, records)
+        down_split_sweep(timer, records)
     cpu_bench(records, args.flush_mib << 20, args.cpu_shapes.split(","), args.cpu_compare)
     print(json.dumps(meta))
     print_table(records)

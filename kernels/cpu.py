@@ -4,9 +4,9 @@
   system C compiler and OpenMP, called through ctypes. Each needed row is read once, in place, in its packed
   type: no gathered copy, so they run near memory bandwidth (kernels/BENCHMARKS_kernels.md).
 - More tokens (prefill), or no C compiler: torch matrix products over the needed rows, gathered and decoded to
-  fp32 in chunks that stay in cache (a fresh gather of all active rows is the trap device-facts.md measures);
-  from DENSE_FRACTION of the rows on, over all rows in place. Host synchronisation is free here, so this path
-  looks at the mask (nonzero) to pick rows.
+  fp32 in chunks into reused buffers that stay in cache (a fresh gather of all active rows is the trap
+  device-facts.md measures), from DENSE_FRACTION of the rows on over all rows; f32 rows' down projection by
+  embedding_bag, in place. Host synchronisation is free here, so this path looks at the mask (nonzero).
 """
 from __future__ import annotations
 
@@ -15,17 +15,19 @@ import functools
 import hashlib
 import os
 import subprocess
+import threading
 import warnings
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from powerinfer_py.atomic import atomic_file
 from powerinfer_py.model import ffn_activation
 
 from .rows import FFNRows
 
-NATIVE_MAX_TOKENS = 16  # MAX_TOKENS in cpu_rows.c
+NATIVE_MAX_TOKENS = 8  # MAX_TOKENS in cpu_rows.c; measured: at 16 tokens the C kernels take 2x the dense product
 MIN_BYTES_PER_THREAD = 1 << 20  # of the share's rows: a small share takes fewer threads (each costs a wake-up)
 CHUNK_BYTES = 8 << 20  # fp32 bytes per matrix per chunk of the torch path: stays in L2/L3 between gather and product
 DENSE_FRACTION = 0.35  # from this share of needed rows on, the torch path multiplies all rows
@@ -82,9 +84,9 @@ def _threads(t: torch.Tensor) -> int:
 class CpuBackend:
     name = "cpu"
 
-    def __init__(self, native: bool = True):
-        """native=False: always the torch path (tests and the benchmark compare the two)."""
-        self.lib = native_library() if native else None
+    def __init__(self):
+        self.lib = native_library()  # None: the torch path only
+        self._local = threading.local()  # per-thread gather buffers of the torch path, reused across calls
 
     def gate_up(self, x, rows: FFNRows, active, act, threshold, h, full):
         T = x.shape[0]
@@ -112,7 +114,7 @@ class CpuBackend:
         xf = x.float()
         hc = torch.zeros(row_active.shape)
         for chunk in _chunks(row_active.any(0), rows):
-            g, u = rows.unpack(rows.gate, chunk), rows.unpack(rows.up, chunk)
+            g, u = self._unpack(rows, rows.gate, chunk, 0), self._unpack(rows, rows.up, chunk, 1)
             hc[:, chunk] = ffn_activation(xf @ g.T, xf @ u.T, act, threshold) * row_active[:, chunk]
         if full:
             h[:, rows.neuron_idx] = hc
@@ -120,17 +122,43 @@ class CpuBackend:
             h.copy_(hc)
 
     def _down_torch(self, h, rows, y):
+        if rows.weight_type == "f32":
+            return _down_embedding_bag(h, rows, y)
         out = torch.zeros(y.shape)
         for chunk in _chunks((h != 0).any(0), rows):
-            out += h[:, chunk] @ rows.unpack(rows.down_t, chunk)
+            out += h[:, chunk] @ self._unpack(rows, rows.down_t, chunk, 0)
         y.copy_(out)
+
+    def _unpack(self, rows, t, chunk, slot):
+        """Rows `chunk` of the packed matrix t as fp32 (rows.unpack); an index chunk is gathered into this
+        thread's reused buffer `slot` first: a fresh gather page-faults (the trap of device-facts.md)."""
+        if isinstance(chunk, slice):
+            return rows.unpack(t, chunk)
+        bufs = self._local.__dict__.setdefault("bufs", {})
+        buf = bufs.get((slot, t.dtype))
+        if buf is None or buf.shape[0] < chunk.numel() or buf.shape[1] != t.shape[1]:
+            buf = bufs[(slot, t.dtype)] = torch.empty(max(chunk.numel(), 1), t.shape[1], dtype=t.dtype)
+        return rows.unpack(torch.index_select(t, 0, chunk, out=buf[: chunk.numel()]), slice(None))
+
+
+def _down_embedding_bag(h, rows: FFNRows, y):
+    """f32 rows: embedding_bag(mode='sum', per_sample_weights=h) reads the needed rows of down_t in place (faster
+    than gathering them); each token's rows are split into one bag per thread, the bags summed in order."""
+    T, bags, width = h.shape[0], torch.get_num_threads(), rows.down_t.shape[1]
+    token, row = (h != 0).nonzero().unbind(1)  # token-major, rows ascending
+    counts = torch.bincount(token, minlength=T)
+    starts = counts.cumsum(0) - counts
+    offsets = (starts[:, None] + counts[:, None] * torch.arange(bags) // bags).reshape(-1)
+    sums = F.embedding_bag(row, rows.down_t, offsets, mode="sum", per_sample_weights=h[token, row])
+    y.copy_(sums.view(T, bags, width)[:, :, : rows.d].sum(1))
 
 
 def _chunks(needed: torch.Tensor, rows: FFNRows) -> list:
-    """The needed rows in chunks of CHUNK_BYTES of fp32: index tensors, or slices over all rows from
-    DENSE_FRACTION on (slices of f32 rows are multiplied in place)."""
+    """The needed rows in chunks of CHUNK_BYTES of fp32: index tensors, or from DENSE_FRACTION on slices over
+    all rows (one slice for f32 rows, which are multiplied in place)."""
     rows_per_chunk = max(1, CHUNK_BYTES // (4 * rows.d))
     sel = needed.nonzero().squeeze(1)
     if sel.numel() >= DENSE_FRACTION * rows.m:
-        return [slice(i, i + rows_per_chunk) for i in range(0, rows.m, rows_per_chunk)]
+        step = rows.m if rows.weight_type == "f32" else rows_per_chunk
+        return [slice(i, i + step) for i in range(0, rows.m, step)]
     return list(sel.split(rows_per_chunk))

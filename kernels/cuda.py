@@ -24,6 +24,7 @@ SEGMENT = 1024  # gate_up: row elements per work item
 GATE_UP_SMEM = 24 << 10  # gate_up's dynamic shared memory at most (its 18 KB static stay under 48 KB)
 # From this many tokens on, float rows go through cuBLAS over all rows (measured by `python -m kernels.bench`).
 DENSE_MIN_TOKENS = 4
+DOWN_BLOCKS_PER_SM = 4  # down_partial: row splits x column blocks ~ this many blocks per SM (kernels.bench sweeps it)
 
 
 @functools.cache
@@ -92,7 +93,7 @@ class CudaBackend:
             y.copy_(h.to(rows.down_t.dtype) @ rows.down_t[:, : rows.d])
             return
         col_blocks = -(-rows.d // COLS_PER_BLOCK)
-        splits = max(1, min(-(-rows.m // 256), 4 * _sm_count(h.device.index) // col_blocks))
+        splits = max(1, min(-(-rows.m // 256), DOWN_BLOCKS_PER_SM * _sm_count(h.device.index) // col_blocks))
         rows_per_split = -(-rows.m // splits)
         splits = -(-rows.m // rows_per_split)
         mod, wt = _module(rows.weight_type), WEIGHT_CODES[rows.weight_type]

@@ -1,6 +1,7 @@
 #!/bin/bash
 # One device call: kernel tests (GPU and CPU), compute-sanitizer over a few GPU tests, then the benchmark with
-# the CPU candidates. Usage there: bash kernels/device_check.sh   (carry .whl for gguf; results under $OUT)
+# the CPU candidates (BENCH_ARGS= for the default benchmark). Usage there: bash kernels/device_check.sh
+# (carry .whl for gguf; results under $OUT)
 set -u
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -20,5 +21,5 @@ timeout 90 compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytes
   >"$OUT/sanitizer.log" 2>&1; echo "sanitizer exit $?"; tail -5 "$OUT/sanitizer.log"
 
 echo "== bench"
-timeout ${BENCH_TIMEOUT:-180} python3 -m kernels.bench --cpu-compare --json "$OUT/bench.json" 2>&1 \
+timeout ${BENCH_TIMEOUT:-180} python3 -m kernels.bench ${BENCH_ARGS---cpu-compare} --json "$OUT/bench.json" 2>&1 \
   | tee "$OUT/bench.log" | tail -150

@@ -66,12 +66,12 @@ def cmd_demo(args) -> int:
             raise SystemExit(rc)
 
     _step("1/6 profile activations on real text")
-    call("profile", "-m", DEMO_MODEL, "--data", calib, "-o", work("activation"), "--device", device)
+    call("profile", "-m", DEMO_MODEL, "--data", calib, "-o", work("activation"), "--device", device, "--dump-dataset")
     with open(os.path.join(work("activation"), "stats.json")) as f:
         sparsity = json.load(f)["mean_sparsity"]
 
     _step("2/6 train the per-layer predictors")
-    call("train-predictors", "-m", DEMO_MODEL, "--data", calib, "-o", work("predictors"), "--device", device)
+    call("train-predictors", "-m", DEMO_MODEL, "--data", work("activation"), "-o", work("predictors"), "--device", device)
 
     budget = args.vram_budget or half_ffn_budget(DEMO_MODEL, work("predictors"), device)
     _step(f"3/6 solve the placement for a VRAM budget of {budget}")

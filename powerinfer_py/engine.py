@@ -19,7 +19,7 @@ from solver.placement import PlacementProblem, solve_placement
 from solver.ledger import format_bytes
 
 from .errors import BudgetError, InputError, PowerInferError
-from .formats import load_activations, load_predictors, read_gpuidx, write_gpuidx
+from .formats import default_gpuidx_path, load_activations, load_predictors, profiled_tokens, read_gpuidx, write_gpuidx
 from .hybrid import HostBuffers, HybridCounters, HybridFeedForward, split_rows
 from .loader import Checkpoint, build_model, install_predictors
 from .model import FeedForward
@@ -51,13 +51,6 @@ class HybridSetup:
     budget: int
     counters: HybridCounters | None
     placement_source: str
-
-
-def default_gpuidx_path(model_path: str) -> str:
-    """PowerInfer caches `<model file>.generated.gpuidx`; for a folder, inside it."""
-    if os.path.isdir(model_path):
-        return os.path.join(model_path, "model.generated.gpuidx")
-    return model_path + ".generated.gpuidx"
 
 
 def default_activation_dir(model_path: str) -> str:
@@ -100,10 +93,13 @@ def get_placement(ckpt: Checkpoint, ledger, budget: int, gpuidx: str | None, act
                 raise BudgetError(f"{path}: places {hot} neurons ({format_bytes(hot * ledger.ffn_bytes_per_neuron)}),"
                                   f" more than the {format_bytes(ledger.ffn_budget(budget))} the budget leaves for FFN")
             return [np.asarray(m, dtype=bool) for m in masks], f"given {path}"
-    counts = load_activations(activation or default_activation_dir(ckpt.path), cfg.n_layers, cfg.n_ff)
-    problem = PlacementProblem(counts, ledger, budget)
+    folder = activation or default_activation_dir(ckpt.path)
+    counts = load_activations(folder, cfg.n_layers, cfg.n_ff)
+    problem = PlacementProblem(counts, ledger, budget, tokens=profiled_tokens(folder))
     placement = solve_placement(problem, objective, time_limit=30.0)
     masks = [m.numpy().astype(bool) for m in placement.gpu_masks]
+    if os.path.exists(path) and log:  # PowerInfer's cache: re-solved for a new budget, and said so
+        log(f"placement: {path} was solved for another budget or --reset-gpu-index was given; replacing it")
     try:
         write_gpuidx(path, masks, budget, force=True)
         source = f"solved ({placement.status}, {placement.solve_time_s:.2f} s), cached in {path}"

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from solver.ledger import workspace_bytes
+from solver.ledger import GRAPH_WORKSPACE_BYTES, workspace_bytes
 
 from .engine import DTYPE_NAMES
 from .errors import BudgetError, InputError
@@ -29,10 +29,10 @@ def block_bytes(cfg, dtype, ctx_len: int) -> int:
 
 def gpu_layers_for_budget(cfg, budget: int, dtype=torch.float16, ctx_len: int = 2048) -> int:
     """The most leading blocks that fit `budget` beside the embedding and the decode workspace (and the output
-    head, when every block fits): what a llama.cpp user finds by trying -ngl values."""
+    head and CUDA-graph workspace, when every block fits): what a llama.cpp user finds by trying -ngl values."""
     fixed = (cfg.vocab_size * cfg.dim * dtype.itemsize
              + workspace_bytes(cfg, DTYPE_NAMES[dtype], ctx_len, 1, 0) + 4 * cfg.vocab_size)
-    head = (cfg.dim + (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.dim)) * dtype.itemsize
+    head = (cfg.dim + (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.dim)) * dtype.itemsize + GRAPH_WORKSPACE_BYTES
     per_block = block_bytes(cfg, dtype, ctx_len)
     if fixed + cfg.n_layers * per_block + head <= budget:
         return cfg.n_layers

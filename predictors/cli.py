@@ -117,7 +117,7 @@ def cmd_train(args) -> int:
         if os.path.isdir(args.data):
             model_cfg = read_config(args.model)
             device, _ = resolve_device_dtype(args)
-            dataset = PredictorDataset(os.path.join(args.data, DATASET))
+            dataset = PredictorDataset(_dataset_folder(args.data))
             if (dataset.n_layers, dataset.dim, dataset.n_ff) != (model_cfg.n_layers, model_cfg.dim, model_cfg.n_ff):
                 raise InputError(f"{args.data}: dataset is for {dataset.n_layers} layers, dim {dataset.dim}, "
                                  f"n_ff {dataset.n_ff}; the model has {model_cfg.n_layers}, {model_cfg.dim}, {model_cfg.n_ff}")
@@ -148,10 +148,15 @@ def cmd_train(args) -> int:
 MIN_TRAIN_TOKENS = 2048
 
 
+def _dataset_folder(path: str) -> str:
+    """A profile folder holds the dataset in a subfolder; accept the dataset folder itself too."""
+    return path if os.path.exists(os.path.join(path, "meta.json")) else os.path.join(path, DATASET)
+
+
 def summarize_training(report: dict) -> str:
     layers = report["layers"]
     recall = [r["heldout"]["recall"] for r in layers]
-    ratio = [r["active_ratio"] for r in layers]
+    ratio = [r["heldout"]["active_ratio"] for r in layers]
     ranks = [r["rank"] for r in layers]
     return (f"held-out recall mean {sum(recall) / len(recall):.3f} (min {min(recall):.3f}), predicted/true "
             f"active {sum(ratio) / len(ratio):.2f}x, ranks {min(ranks)}-{max(ranks)}")

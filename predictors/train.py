@@ -1,12 +1,12 @@
-"""Predictor training: per layer a bias-free ReLU MLP `fc2 @ relu(fc1 @ p)` (PowerInfer's shape), trained with
-a positive-weighted BCE, its hidden width grown until the layer reaches the target recall at an acceptable
+"""Predictor training: per layer a bias-free ReLU MLP `fc2 @ relu(fc1 @ p)` (PowerInfer's shape), trained on
+positive-weighted BCE, its hidden width grown until the layer reaches the target recall at an acceptable
 predicted-active fraction, and its threshold calibrated on held-out tokens.
 
 One threshold for the whole model (PowerInfer reads a single sparse_threshold): each layer is calibrated to
-its own threshold t_l < 0, and fc2 is scaled by t / |t_l| with the global t = -1. Because relu is positively
-homogeneous and the scale is positive, `logits * s >= -1  <=>  logits >= t_l` holds exactly (up to float
-rounding of the scaled weights). A calibrated t_l >= 0 cannot be folded this way; it is lowered to a small
-negative value, which only raises that layer's recall (reported as `threshold_clamped`)."""
+its own threshold t_l < 0, and its fc2 is scaled by 1 / |t_l| so that the global threshold is -1. The scale is
+positive, so `logits / |t_l| >= -1  <=>  logits >= t_l` holds exactly (up to float rounding of the scaled
+weights). A calibrated t_l >= 0 cannot be folded this way; it is lowered to -1e-3, which only raises that
+layer's recall (reported as `threshold_clamped`; not seen on relu-smollm2)."""
 from __future__ import annotations
 
 import math
@@ -14,7 +14,7 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
+from tqdm import tqdm
 
 from powerinfer_py.model import Predictor
 
@@ -27,14 +27,14 @@ GLOBAL_THRESHOLD = -1.0
 class TrainConfig:
     target_recall: float = 0.95
     max_active_ratio: float = 1.2  # acceptable predicted-active / true-active fraction at the target recall
-    min_rank: int = 16
+    min_rank: int = 32
     max_rank: int = 128
     rank_multiple: int = 16
     epochs: int = 4  # for the first width; each growth step trains half as many
     batch_size: int = 1024
-    lr: float = 3e-3
+    lr: float = 1e-2
     heldout_share: float = 0.1
-    min_gain: float = 0.02  # stop growing when a step lowers the predicted-active ratio by less than this
+    min_gain: float = 0.03  # stop growing when a step lowers the predicted/true active ratio by less than this
     seed: int = 0
 
 
@@ -43,16 +43,18 @@ def heldout_split(n_tokens: int, share: float, block: int = 256) -> tuple[torch.
     every kind of text in the profile."""
     every = max(2, round(1 / share))
     held = (torch.arange(n_tokens) // block) % every == every - 1
+    if not held.any():  # fewer tokens than one block cycle: hold out the tail
+        held[-max(1, int(n_tokens * share)):] = True
     return (~held).nonzero().squeeze(1), held.nonzero().squeeze(1)
 
 
 def initial_rank(active_fraction: float, cfg: TrainConfig) -> int:
-    """Denser layers start wider: the paper sizes predictors by the layer's sparsity."""
-    r = cfg.max_rank * min(1.0, 2 * active_fraction) / 2
-    return _round_rank(r, cfg)
+    """Denser layers start wider, as the paper sizes predictors by the layer's sparsity: max_rank at half the
+    neurons active, proportionally less below."""
+    return round_rank(cfg.max_rank * min(1.0, 2 * active_fraction), cfg)
 
 
-def _round_rank(r: float, cfg: TrainConfig) -> int:
+def round_rank(r: float, cfg: TrainConfig) -> int:
     m = cfg.rank_multiple
     return int(min(cfg.max_rank, max(cfg.min_rank, math.ceil(r / m) * m)))
 
@@ -69,24 +71,31 @@ def grow(pred: Predictor, rank: int) -> Predictor:
     return wider
 
 
+def bce_grad(logits: torch.Tensor, masks: torch.Tensor, pos_weight: torch.Tensor) -> torch.Tensor:
+    """d/dlogits of the positive-weighted BCE summed over all elements: pos_weight * (sigmoid - 1) for active
+    neurons, sigmoid for inactive ones. Written out, it is one pass instead of autograd's several over the
+    (batch, n_ff) logits, the largest tensor in training."""
+    s = torch.sigmoid(logits)
+    return torch.where(masks, pos_weight * (s - 1), s)
+
+
 def fit(pred: Predictor, inputs: torch.Tensor, masks: torch.Tensor, epochs: int, cfg: TrainConfig,
         pos_weight: torch.Tensor, generator: torch.Generator) -> None:
-    """Adam on positive-weighted BCE, learning rate decaying linearly to zero; matmuls in bfloat16 autocast
-    (several times faster on CPUs with bf16 units, harmless for a classifier)."""
-    n = inputs.shape[0]
-    steps = epochs * math.ceil(n / cfg.batch_size)
+    """Adam with a learning rate decaying linearly to zero. `inputs` (bfloat16) and `masks` are already in a
+    random order; each epoch visits their contiguous batches in a new random order. Matmuls run in bfloat16
+    autocast (several times faster on CPUs with bf16 units, harmless for a classifier)."""
+    n_batches = math.ceil(inputs.shape[0] / cfg.batch_size)
+    steps = epochs * n_batches
     opt = torch.optim.Adam(pred.parameters(), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / steps)
-    device_type = inputs.device.type
+    pos_weight = pos_weight.to(inputs.dtype)
     for _ in range(epochs):
-        order = torch.randperm(n, generator=generator).to(inputs.device)
-        for i in range(0, n, cfg.batch_size):
-            rows = order[i:i + cfg.batch_size]
-            with torch.autocast(device_type, dtype=torch.bfloat16):
+        for b in torch.randperm(n_batches, generator=generator).tolist():
+            rows = slice(b * cfg.batch_size, (b + 1) * cfg.batch_size)
+            with torch.autocast(inputs.device.type, dtype=torch.bfloat16):
                 logits = pred.logits(inputs[rows])
-            loss = F.binary_cross_entropy_with_logits(logits.float(), masks[rows].float(), pos_weight=pos_weight)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            logits.backward(bce_grad(logits.detach(), masks[rows], pos_weight).to(logits.dtype))
             opt.step()
             sched.step()
 
@@ -106,39 +115,38 @@ def calibrate_threshold(logits: torch.Tensor, masks: torch.Tensor, recall: float
 
 
 def train_layer(inputs: torch.Tensor, masks: torch.Tensor, cfg: TrainConfig) -> tuple[dict, float, dict]:
-    """One layer from its predictor inputs (tokens, dim) float and true masks (tokens, n_ff) bool.
+    """One layer from its predictor inputs (tokens, dim) and true masks (tokens, n_ff) bool.
     Returns (state dict for the raw residual input, calibrated threshold, report)."""
     t0 = time.perf_counter()
     generator = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     train_rows, held_rows = heldout_split(inputs.shape[0], cfg.heldout_share)
+    train_rows = train_rows[torch.randperm(len(train_rows), generator=generator)]
     # Per-dimension input scale (no shift: there is no bias), folded into fc1 at the end.
     scale = inputs[train_rows].float().pow(2).mean(0).sqrt().clamp(min=1e-6)
-    x_train, y_train = inputs[train_rows] / scale, masks[train_rows]
+    x_train, y_train = (inputs[train_rows] / scale).bfloat16(), masks[train_rows]
     x_held, y_held = inputs[held_rows] / scale, masks[held_rows]
     active = y_train.float().mean(0)
-    # Weight each neuron's positives by its negative/positive ratio (square-rooted, so that rare neurons count
-    # more without every neuron collapsing to always-on).
-    pos_weight = ((1 - active) / active.clamp(min=1e-4)).clamp(1, 100).sqrt()
+    # Positives weighted by each neuron's inactive/active odds: rare activations count as much as common ones.
+    pos_weight = ((1 - active) / active.clamp(min=1e-4)).clamp(1, 100)
 
-    rank = initial_rank(y_train.float().mean().item(), cfg)
+    rank = initial_rank(active.mean().item(), cfg)
     pred = Predictor(inputs.shape[1], rank, masks.shape[1]).to(inputs.device)
     epochs, steps = cfg.epochs, []
     while True:
         fit(pred, x_train, y_train, epochs, cfg, pos_weight, generator)
         logits = predictor_logits(pred, x_held)
         threshold = calibrate_threshold(logits, y_held, cfg.target_recall)
-        stats = confusion_rates(confusion_counts(logits >= threshold, y_held))
-        ratio = stats["active_ratio"]
-        steps.append({"rank": rank, "active_ratio": ratio, "threshold": threshold})
-        gain = steps[-2]["active_ratio"] - ratio if len(steps) > 1 else math.inf
-        if ratio <= cfg.max_active_ratio or rank >= cfg.max_rank or gain < cfg.min_gain:
+        heldout = confusion_rates(confusion_counts(logits >= threshold, y_held))
+        steps.append({"rank": rank, "active_ratio": heldout["active_ratio"], "threshold": threshold})
+        gain = steps[-2]["active_ratio"] - heldout["active_ratio"] if len(steps) > 1 else math.inf
+        if heldout["active_ratio"] <= cfg.max_active_ratio or rank >= cfg.max_rank or gain < cfg.min_gain:
             break
-        rank = _round_rank(rank * 1.5, cfg)
+        rank = round_rank(rank * 1.5, cfg)
         pred = grow(pred, rank)
         epochs = max(1, cfg.epochs // 2)
     state = {"fc1.weight": (pred.fc1.weight / scale).detach(), "fc2.weight": pred.fc2.weight.detach()}
-    report = {"rank": rank, "threshold": threshold, "heldout": stats, "active_ratio": ratio, "steps": steps,
+    report = {"rank": rank, "threshold": threshold, "heldout": heldout, "steps": steps,
               "seconds": time.perf_counter() - t0}
     return state, threshold, report
 
@@ -156,8 +164,6 @@ def fold_thresholds(layers: list[dict], thresholds: list[float]) -> tuple[list[d
 
 def train_predictors(dataset, cfg: TrainConfig, device="cpu", progress: bool = True):
     """Train every layer of a PredictorDataset. Returns (PowerInfer layers, sparse_threshold, report)."""
-    from tqdm import tqdm
-
     layers, thresholds, reports = [], [], []
     bar = tqdm(range(dataset.n_layers), desc="train", unit="layer", disable=not progress)
     for i in bar:
@@ -166,7 +172,7 @@ def train_predictors(dataset, cfg: TrainConfig, device="cpu", progress: bool = T
         layers.append({k: v.cpu() for k, v in state.items()})
         thresholds.append(threshold)
         reports.append({"layer": i, **report})
-        bar.set_postfix(rank=report["rank"], ratio=f"{report['active_ratio']:.2f}")
+        bar.set_postfix(rank=report["rank"], ratio=f"{report['heldout']['active_ratio']:.2f}")
     folded, clamped = fold_thresholds(layers, thresholds)
     for r, c in zip(reports, clamped):
         r["threshold_clamped"] = c

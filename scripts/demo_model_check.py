@@ -35,7 +35,7 @@ def runtime_model(hf: LlamaForCausalLM) -> Transformer:
 @torch.no_grad()
 def stream_perplexity(hf: LlamaForCausalLM, tok, path: Path, batch: int = 16) -> tuple[float, int]:
     """All documents of an xz file joined into one stream (EOT before each), cut into full windows."""
-    ids = torch.tensor([i for doc in read_docs(path) for i in [tok.bos_token_id] + tok.encode(doc)])
+    ids = torch.tensor([i for doc in read_docs(path) for i in [tok.bos_token_id] + tok.encode(doc, add_special_tokens=False)])
     seq = hf.config.max_position_embeddings
     n = (len(ids) - 1) // seq
     x, y = ids[: n * seq].view(n, seq), ids[1 : n * seq + 1].view(n, seq)
@@ -66,7 +66,7 @@ def main():
     ever_active = torch.zeros(cfg.num_hidden_layers, cfg.intermediate_size, dtype=torch.bool)
     ours = runtime_model(hf)
     for i, doc in enumerate(docs):
-        ids = torch.tensor([[tok.bos_token_id] + tok.encode(doc)[: cfg.max_position_embeddings - 1]])
+        ids = torch.tensor([[tok.bos_token_id] + tok.encode(doc, add_special_tokens=False)[: cfg.max_position_embeddings - 1]])
         logits = hf(ids[:, :-1]).logits.float()
         nll += F.cross_entropy(logits[0], ids[0, 1:], reduction="sum").item()
         count += ids.shape[1] - 1
@@ -87,7 +87,7 @@ def main():
         print(f"{args.heldout_all}: perplexity {ppl:.2f} over {n:,} tokens "
               f"in {cfg.max_position_embeddings}-token windows")
     for prompt in args.prompts:
-        ids = torch.tensor([[tok.bos_token_id] + tok.encode(prompt)])
+        ids = torch.tensor([[tok.bos_token_id] + tok.encode(prompt, add_special_tokens=False)])
         out = hf.generate(ids, max_new_tokens=60, do_sample=False)
         print(f"greedy {prompt!r} -> {tok.decode(out[0, 1:], skip_special_tokens=True)!r}")
 

@@ -280,7 +280,7 @@ def save_checkpoint(model: Transformer, cfg: ModelConfig, data: Path, out: Path)
         {"bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0}, indent=2) + "\n")
     (out / "tokenizer_config.json").write_text(json.dumps(
         {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": EOT, "eos_token": EOT, "unk_token": EOT,
-         "pad_token": EOT, "model_max_length": cfg.max_seq_len, "add_bos_token": False}, indent=2) + "\n")
+         "pad_token": EOT, "model_max_length": cfg.max_seq_len, "add_bos_token": True}, indent=2) + "\n")
     for name in ("tokenizer.json", "calib.txt", "heldout.txt", "sources.json"):
         shutil.copy(data / name, out / name)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import re
 import sys
 
@@ -13,7 +12,8 @@ from tqdm import tqdm
 from kernels import WEIGHT_TYPES
 from powerinfer_py.atomic import atomic_file, check_writable
 from powerinfer_py.errors import InputError
-from powerinfer_py.formats import load_activations, load_predictors, read_gguf, read_gpuidx, write_gpuidx
+from powerinfer_py.formats import (default_gpuidx_path, load_activations, load_predictors, profiled_tokens, read_gguf,
+                                   read_gpuidx, write_gpuidx)
 from powerinfer_py.loader import detect_kind, read_config
 
 from .ledger import DENSE_DTYPES, format_bytes, parse_budget, vram_ledger
@@ -21,13 +21,6 @@ from .placement import OBJECTIVES, Placement, PlacementProblem, solve_placement
 from .timing import Bandwidths
 
 DEFAULT_CTX = 2048  # the engine's (powerinfer_py/engine.py), so `run` reuses what `solve` writes
-
-
-def default_gpuidx_path(model_path: str) -> str:
-    """PowerInfer's <model file>.generated.gpuidx; for a Hugging Face folder, model.generated.gpuidx inside it."""
-    if os.path.isdir(model_path):
-        return os.path.join(model_path, "model.generated.gpuidx")
-    return model_path + ".generated.gpuidx"
 
 
 def parse_budget_list(text: str) -> list[int]:
@@ -42,15 +35,6 @@ def parse_int_list(text: str, what: str) -> list[int]:
         return [int(s) for s in text.split(",")]
     except ValueError:
         raise InputError(f"{what} {text!r}: expected integers separated by commas, e.g. 32,64,256") from None
-
-
-def profiled_tokens(folder: str) -> float | None:
-    """Tokens the profiler counted over, from the stats.json `powerinfer-py profile` writes beside the counts."""
-    try:
-        with open(os.path.join(folder, "stats.json")) as f:
-            return float(json.load(f)["tokens"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
 
 
 def predictor_ranks(args, cfg) -> list[int] | None:

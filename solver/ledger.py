@@ -110,7 +110,7 @@ class Ledger:
 
 
 def _describe(placed: list[LedgerItem], unplaced: list[LedgerItem]) -> str:
-    """'attention, predictor and 12 of 60 kv_cache tensors, not workspace': what a budget holds and what not."""
+    """'attention, ..., 12 of 60 kv_cache tensors, not kv_cache, workspace': what a budget holds and what not."""
     split = unplaced[0].category
     held = [c for c in CATEGORIES if any(item.category == c for item in placed) and c != split]
     n_split = sum(item.category == split for item in placed)

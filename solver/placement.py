@@ -42,7 +42,8 @@ class Placement:
     token_time_s: float  # modelled decode time of one token
     ffn_bytes: int
     objective: str
-    status: str  # optimal, time limit (CBC's incumbent), greedy (greedy_placement), given (an existing index)
+    status: str  # optimal, time limit (CBC's incumbent), CBC failed (...) (the warm start), greedy
+    # (greedy_placement), given (an existing index)
     gap: float | None  # relative optimality gap of a solve (0 when proven optimal); None for greedy and given
     solve_time_s: float
 
@@ -192,13 +193,12 @@ def solve_placement(problem: PlacementProblem, objective: str = "coverage", time
     greedy = greedy_hot(problem, objective)
     if problem.max_neurons == 0 or len(problem.allowed_hot) == 1:  # nothing can be placed
         return problem.prefix_placement(greedy, objective, "optimal", 0.0, time.perf_counter() - t0)
-    hot, optimal, bound = _solve_milp(problem, objective, greedy, time_limit)
+    hot, status, bound = _solve_milp(problem, objective, greedy, time_limit)
     if milp_value(problem, hot, objective) >= milp_value(problem, greedy, objective):
         hot = greedy  # nothing strictly better: keep the greedy placement
     value = milp_value(problem, hot, objective)
-    gap = 0.0 if optimal else max(0.0, (value - bound) / max(abs(value), 1e-12))
-    return problem.prefix_placement(hot, objective, "optimal" if optimal else "time limit", gap,
-                                    time.perf_counter() - t0)
+    gap = 0.0 if status == "optimal" else max(0.0, (value - bound) / max(abs(value), 1e-12))
+    return problem.prefix_placement(hot, objective, status, gap, time.perf_counter() - t0)
 
 
 def lagrangian(problem: PlacementProblem, objective: str) -> tuple[float, np.ndarray, np.ndarray]:
@@ -227,8 +227,8 @@ def lagrangian(problem: PlacementProblem, objective: str) -> tuple[float, np.nda
 
 
 def _solve_milp(problem: PlacementProblem, objective: str, greedy: np.ndarray, time_limit: float):
-    """(hot per layer, proven optimal, lower bound), warm-started at the better of `greedy` and the Lagrangian
-    placement.
+    """(hot per layer, status, lower bound), warm-started at the better of `greedy` and the Lagrangian placement;
+    should CBC return nothing, that start.
 
     A multiple-choice knapsack: per layer one binary per hot count it may take, exactly one chosen, their neurons
     within the budget. Its LP relaxation is each layer's convex hull of (neurons, cost), so CBC closes the gap at
@@ -259,13 +259,15 @@ def _solve_milp(problem: PlacementProblem, objective: str, greedy: np.ndarray, t
         log_path = os.path.join(tmp, "cbc.log")
         with warnings.catch_warnings():  # PuLP 3.3 announces that 4.0 moves the bundled CBC to an extra
             warnings.simplefilter("ignore", DeprecationWarning)
-            cbc = pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit, warmStart=True, logPath=log_path)
+            # CBC 2.10's preprocessing has called feasible instances of this model infeasible
+            cbc = pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit, warmStart=True, logPath=log_path,
+                                    options=["preprocess off"])
         lp.solve(cbc)
         with open(log_path) as f:
             log = f.read()
     if lp.sol_status not in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):
-        return start, False, lower
+        return start, f"CBC failed ({pulp.LpStatus[lp.status]})", lower
     cbc_bound = re.search(r"^Lower bound:\s*(\S+)", log, re.M)
     hot = np.array([hot[np.argmax([v.value() or 0 for v in z])] for z, hot in choices], dtype=np.int64)
     bound = max(lower, float(cbc_bound.group(1))) if cbc_bound else lower
-    return hot, lp.sol_status == pulp.LpSolutionOptimal, bound
+    return hot, "optimal" if lp.sol_status == pulp.LpSolutionOptimal else "time limit", bound

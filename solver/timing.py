@@ -42,7 +42,7 @@ class TokenModel:
     layer_dense_s: np.ndarray  # per layer: its dense bytes at GPU bandwidth
     head_s: float  # final norm and output head
     gpu_s_per_neuron: float  # one neuron's rows at GPU bandwidth
-    cpu_s_per_neuron: float  # one neuron's rows (the CPU kernels' fp32 layout) at CPU bandwidth
+    cpu_s_per_neuron: float  # one neuron's rows (the CPU kernels' layout) at CPU bandwidth
     cpu_bytes_per_neuron: int
     handoff_s: float  # round trip plus the FFN input and active mask down and the FFN output up
     tokens: float  # tokens the activation counts were collected over: count / tokens = activation probability

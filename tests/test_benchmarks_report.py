@@ -55,5 +55,6 @@ def test_target_checks():
     assert "hybrid >= 20x accelerate: met (lowest 30.00x)" in table
     assert "hybrid >= 70% of the bound: met (lowest 0.75x)" in table
     assert "within 1% of dense at every budget: met (largest difference 0.67%)" in table
+    assert "within 1% of the same predictors on one device at every budget: met (largest difference 0.00%)" in table
     smollm2 = part_table(part("relu-smollm2-135m"))
     assert "3x layer split" not in smollm2 and "70% of the bound" in smollm2

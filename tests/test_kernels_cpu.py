@@ -56,13 +56,11 @@ def test_broken_compiler_falls_back_with_a_warning(monkeypatch, tmp_path):
         cpu.native_library.cache_clear()
 
 
-@pytest.mark.parametrize("weight_type", ["f32", "f16", "bf16", "q8_0", "q4_0"])
-@pytest.mark.parametrize("density", [0.05, 0.3, 1.0])
-@pytest.mark.parametrize("T", [1, 3, 17])
-def test_cpu_ffn_matches_float64(weight_type, density, T, path):
-    """d past one 512-element chunk of the C kernels and not a multiple of it; T=17 takes the torch path."""
-    if T > cpu.NATIVE_MAX_TOKENS and path == "torch":
-        pytest.skip("the same case as path 'native': this many tokens take the torch path")
+WEIGHT_TYPES = ["f32", "f16", "bf16", "q8_0", "q4_0"]
+
+
+def check_ffn(weight_type, density, T):
+    """d past one 512-element chunk of the C kernels and not a multiple of it."""
     d = 544 if weight_type.startswith("q") else 600 if density == 0.3 else 77
     rows, (gate, up, down_t) = packed_case(150, d, 500, weight_type)
     x, active = torch.randn(T, d), random_mask(T, 500, density)
@@ -70,6 +68,18 @@ def test_cpu_ffn_matches_float64(weight_type, density, T, path):
         y = sparse_ffn(x, rows, active, act, threshold)
         ref = sparse_ffn_reference(x.double(), gate, up, down_t, rows.neuron_idx, active, act, threshold)
         assert y.dtype == x.dtype and rel_err(y, ref) < F32_RTOL[torch.float32], (act, threshold)
+
+
+@pytest.mark.parametrize("weight_type", WEIGHT_TYPES)
+@pytest.mark.parametrize("density", [0.05, 0.3, 1.0])
+@pytest.mark.parametrize("T", [1, 3])
+def test_cpu_ffn_matches_float64(weight_type, density, T, path):
+    check_ffn(weight_type, density, T)
+
+
+@pytest.mark.parametrize("weight_type", WEIGHT_TYPES)
+def test_cpu_many_tokens_take_the_torch_path(weight_type):
+    check_ffn(weight_type, 0.3, cpu.NATIVE_MAX_TOKENS + 1)
 
 
 @pytest.mark.parametrize("x_dtype", [torch.float16, torch.bfloat16])

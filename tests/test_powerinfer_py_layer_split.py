@@ -47,10 +47,11 @@ def test_gpu_layers_for_budget():
     per_block = block_bytes(CFG, torch.float16, 128)
     budgets = range(60_000, 600_000, 5_000)
     counts = [gpu_layers_for_budget(CFG, b, torch.float16, 128) for b in budgets]
-    assert counts == sorted(counts) and counts[0] == 0 and counts[-1] == CFG.n_layers
+    assert counts == sorted(counts) and counts[0] == 0 and counts[-1] == CFG.n_layers - 1
     for b, n in zip(budgets, counts):  # each block's bytes buy one more block, until the last needs the head too
         if n < CFG.n_layers - 1:
             assert gpu_layers_for_budget(CFG, b + per_block, torch.float16, 128) == n + 1
+    assert gpu_layers_for_budget(CFG, 1 << 30, torch.float16, 128) == CFG.n_layers
     with pytest.raises(BudgetError):
         gpu_layers_for_budget(CFG, 1000, torch.float16, 128)
     with pytest.raises(InputError):

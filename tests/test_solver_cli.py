@@ -138,3 +138,22 @@ def test_sweep_table_and_csv(tmp_path, capsys):
     assert [(int(r["budget"]), int(r["group"])) for r in rows] == [(b, g) for b in budgets for g in (8, 32)]
     hit = [float(r["hit_rate"]) for r in rows]
     assert hit[0] <= hit[2] <= hit[4] and all(r["status"] == "optimal" for r in rows)
+
+
+def test_powerinfer_gguf_model(tmp_path, capsys):
+    """A PowerInfer GGUF: the config and the predictor ranks come from the file, the index goes beside it."""
+    from tiny_models import write_hf_llama, write_predictors
+
+    write_hf_llama(str(tmp_path / "hf"))
+    write_predictors(str(tmp_path / "pred"), ranks=(16, 32))
+    gguf = str(tmp_path / "tiny.powerinfer.gguf")
+    assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "pred"), "-o", gguf]) == 0
+    act = tmp_path / "activation"
+    act.mkdir()
+    save_activations(str(act), [torch.rand(160) * 100 for _ in range(2)])
+    capsys.readouterr()
+    code, out, err = run(capsys, "-m", gguf, "--activation", str(act), "--vram-budget", "40MiB", "--report")
+    assert code == 0 and os.path.exists(gguf + ".generated.gpuidx")
+    predictor_bytes = 2 * sum(r * 64 + 160 * r for r in (16, 32))
+    assert f"predictor {predictor_bytes / 1024:.2f} KiB".split() == next(
+        line for line in out.splitlines() if line.startswith("predictor")).split()

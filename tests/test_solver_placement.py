@@ -7,6 +7,7 @@ import torch
 from powerinfer_py.config import ModelConfig
 from powerinfer_py.errors import BudgetError, InputError
 from solver import Bandwidths, PlacementProblem, greedy_placement, solve_placement, vram_ledger
+from solver.placement import lagrangian
 
 # small bandwidths so that attention, CPU rows and the hand-off all matter in the time model
 BW = Bandwidths(gpu=1e9, cpu=5e7, pcie=1e9, sync_s=1e-6)
@@ -160,3 +161,35 @@ def test_bad_input():
         PlacementProblem(counts, ledger, ledger.dense_bytes - 1)
     with pytest.raises(InputError, match="objective"):
         solve_placement(problem, "speed")
+
+
+class FakeCBC:
+    """Stands in for CBC: keeps the warm start and reports a status and a bound, as CBC at its time limit."""
+    status, sol_status, log = 1, 2, "Lower bound: {bound}\n"
+
+    def __init__(self, logPath, **_):
+        self.log_path = logPath
+
+    def actualSolve(self, lp):
+        with open(self.log_path, "w") as f:
+            f.write(self.log.format(bound=FakeCBC.bound))
+        lp.assignStatus(self.status, self.sol_status)
+        return self.status
+
+
+@pytest.mark.parametrize("status,sol_status,expected", [(1, 2, "time limit"), (-1, 0, "CBC failed (Infeasible)")])
+def test_time_limit_keeps_the_incumbent_and_reports_the_gap(monkeypatch, status, sol_status, expected):
+    problem = make_problem(n_layers=6, n_ff=64, neurons=150, group=8, min_gpu_neurons=20)
+    optimum = solve_placement(problem)
+    monkeypatch.setattr(FakeCBC, "status", status)
+    monkeypatch.setattr(FakeCBC, "sol_status", sol_status)
+    monkeypatch.setattr(FakeCBC, "bound", -1e9 * (optimum.hit_rate + 0.01), raising=False)
+    monkeypatch.setattr("solver.placement.pulp.PULP_CBC_CMD", FakeCBC)
+    placement = solve_placement(problem)
+    check_feasible(problem, placement)
+    assert placement.status == expected
+    assert placement.hit_rate <= optimum.hit_rate
+    lower = lagrangian(problem, "coverage")[0]
+    bound = max(lower, FakeCBC.bound) if status == 1 else lower
+    assert placement.gap == pytest.approx((-1e9 * placement.hit_rate - bound) / (1e9 * placement.hit_rate))
+    assert placement.gap > 0

@@ -1,6 +1,7 @@
 """PowerInfer activation statistics: DIR/activation_{i}.pt, one 1-D tensor of n_ff per-neuron counts per layer."""
 from __future__ import annotations
 
+import json
 import os
 
 import torch
@@ -35,3 +36,12 @@ def load_activations(folder: str, n_layers: int | None = None, n_ff: int | None 
             raise InputError(f"{path}: {t.numel()} counts, the model has n_ff={n_ff}")
         out.append(t)
     return out
+
+
+def profiled_tokens(folder: str) -> float | None:
+    """Tokens the profiler counted over, from the stats.json `powerinfer-py profile` writes beside the counts."""
+    try:
+        with open(os.path.join(folder, "stats.json")) as f:
+            return float(json.load(f)["tokens"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

@@ -7,6 +7,8 @@ ascending indices of the ones: GPU row j holds neuron bucket[j]). int32 is ggml 
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType, GGUFValueType
@@ -80,3 +82,10 @@ def read_gpuidx(path: str, n_layers: int | None = None, n_ff: int | None = None)
             raise InputError(f"{path}: {gpu_bucket.name} is not the ascending list of {gpu_idx.name}'s ones")
         masks.append(mask)
     return masks, int(vram_capacity)
+
+
+def default_gpuidx_path(model_path: str) -> str:
+    """PowerInfer's <model file>.generated.gpuidx; for a Hugging Face folder, model.generated.gpuidx inside it."""
+    if os.path.isdir(model_path):
+        return os.path.join(model_path, "model.generated.gpuidx")
+    return model_path + ".generated.gpuidx"

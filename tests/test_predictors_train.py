@@ -1,0 +1,111 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from powerinfer_py.model import Predictor
+from predictors.metrics import confusion_counts, confusion_rates
+from predictors.train import (GLOBAL_THRESHOLD, TrainConfig, bce_grad, calibrate_threshold, fold_thresholds, grow,
+                              heldout_split, train_layer)
+
+
+def planted_problem(n_tokens, seed, dim=24, n_ff=40, rank=6):
+    """Masks made by a hidden predictor of PowerInfer's shape (active iff its logit > 0; fc2 leans negative so
+    about a quarter of the neurons are active, as in a ReLU model), inputs with uneven per-dimension scales like
+    a residual stream."""
+    g = torch.Generator().manual_seed(0)  # the same teacher for every draw
+    teacher = Predictor(dim, rank, n_ff)
+    with torch.no_grad():
+        teacher.fc1.weight.copy_(torch.randn(rank, dim, generator=g))
+        teacher.fc2.weight.copy_(torch.randn(n_ff, rank, generator=g) - 0.5)
+    scales = torch.logspace(-1, 1.5, dim)
+    inputs = torch.randn(n_tokens, dim, generator=torch.Generator().manual_seed(seed)) * scales
+    with torch.no_grad():
+        return inputs, teacher.logits(inputs) > 0
+
+
+def test_trained_predictor_reaches_its_recall_on_a_planted_problem():
+    inputs, masks = planted_problem(6000, seed=1)
+    cfg = TrainConfig(target_recall=0.95, min_rank=16, max_rank=32, epochs=8, batch_size=512, lr=1e-2)
+    state, threshold, report = train_layer(inputs, masks, cfg)
+    assert report["heldout"]["recall"] >= 0.95 and threshold < 0
+    assert state["fc1.weight"].shape == (report["rank"], 24) and state["fc2.weight"].shape == (40, report["rank"])
+
+    # fresh tokens, the exported (raw-input) weights, the folded global threshold
+    (folded,), _ = fold_thresholds([state], [threshold])
+    pred = Predictor(24, report["rank"], 40, GLOBAL_THRESHOLD)
+    pred.load_state_dict(folded)
+    test_inputs, test_masks = planted_problem(4000, seed=2)
+    with torch.no_grad():
+        rates = confusion_rates(confusion_counts(pred(test_inputs), test_masks))
+    assert rates["recall"] >= 0.94
+    assert rates["active_ratio"] < 1.25  # an easy problem: few extra neurons predicted
+
+
+def test_calibrated_threshold_hits_the_requested_recall_on_held_out_data():
+    def draw(seed, n=20000):
+        g = torch.Generator().manual_seed(seed)
+        masks = torch.rand(n, generator=g) < 0.3
+        logits = torch.randn(n, generator=g) + 1.5 * masks  # positives score higher, with overlap
+        return logits, masks
+
+    logits, masks = draw(1)
+    for recall in (0.9, 0.95, 0.99):
+        t = calibrate_threshold(logits, masks, recall)
+        got = confusion_rates(confusion_counts(logits >= t, masks))["recall"]
+        assert got >= recall and (logits[masks] >= t).sum() == math.ceil(recall * masks.sum())  # largest such t
+        held_logits, held_masks = draw(2)
+        held = confusion_rates(confusion_counts(held_logits >= t, held_masks))["recall"]
+        assert abs(held - recall) < 0.01
+
+
+def test_folding_thresholds_is_exact():
+    g = torch.Generator().manual_seed(3)
+    layers = [{"fc1.weight": torch.randn(8, 12, generator=g, dtype=torch.float64),
+               "fc2.weight": torch.randn(20, 8, generator=g, dtype=torch.float64)} for _ in range(3)]
+    thresholds = [-0.37, -2.5, 0.4]
+    folded, clamped = fold_thresholds(layers, thresholds)
+    assert clamped == [False, False, True]
+    p = torch.randn(500, 12, generator=g, dtype=torch.float64)
+
+    def logits(sd):
+        return F.relu(p @ sd["fc1.weight"].T) @ sd["fc2.weight"].T
+
+    for sd, f, t in zip(layers[:2], folded[:2], thresholds[:2]):
+        assert torch.equal(logits(f) >= GLOBAL_THRESHOLD, logits(sd) >= t)
+    # a non-negative threshold is lowered: the folded layer predicts a superset of what t would
+    assert ((logits(layers[2]) >= 0.4) & ~(logits(folded[2]) >= GLOBAL_THRESHOLD)).sum() == 0
+
+
+def test_grow_keeps_the_function():
+    pred = Predictor(10, 4, 7)
+    wider = grow(pred, 12)
+    p = torch.randn(30, 10)
+    with torch.no_grad():
+        assert wider.fc1.weight.shape == (12, 10) and wider.fc2.weight.shape == (7, 12)
+        torch.testing.assert_close(wider.logits(p), pred.logits(p), rtol=0, atol=1e-6)
+
+
+def test_bce_grad_matches_autograd_of_weighted_bce():
+    g = torch.Generator().manual_seed(4)
+    logits = (3 * torch.randn(64, 30, generator=g, dtype=torch.float64)).requires_grad_()
+    masks = torch.rand(64, 30, generator=g) < 0.25
+    pos_weight = 1 + 5 * torch.rand(30, generator=g, dtype=torch.float64)
+    F.binary_cross_entropy_with_logits(logits, masks.double(), pos_weight=pos_weight, reduction="sum").backward()
+    torch.testing.assert_close(bce_grad(logits.detach(), masks, pos_weight), logits.grad)
+
+
+def test_heldout_split_is_a_partition_of_interleaved_blocks():
+    train, held = heldout_split(10_000, 0.1, block=100)
+    assert len(train) + len(held) == 10_000 and len(set(train.tolist()) & set(held.tolist())) == 0
+    assert len(held) == 1000 and held.min() < 1000 and held.max() > 9000  # spread over the whole profile
+    train, held = heldout_split(50, 0.1, block=100)
+    assert len(held) == 5 and len(train) == 45
+
+
+@pytest.mark.parametrize("fraction,rank", [(0.05, 32), (0.2, 64), (0.5, 128), (0.9, 128)])
+def test_initial_rank_follows_the_active_fraction(fraction, rank):
+    from predictors.train import initial_rank
+
+    assert initial_rank(fraction, TrainConfig(min_rank=32, max_rank=128)) == rank
