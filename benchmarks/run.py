@@ -38,7 +38,7 @@ from powerinfer_py.config import ModelConfig
 from powerinfer_py.engine import get_predictors
 from powerinfer_py.errors import BudgetError, PowerInferError
 from powerinfer_py.eval import perplexity, read_documents
-from powerinfer_py.formats import load_activations
+from powerinfer_py.formats import load_activations, profiled_tokens
 from powerinfer_py.formats.gguf import encode, tensor_nbytes
 from powerinfer_py.loader import build_model, expected_shapes, install_predictors, load_checkpoint
 from solver import format_bytes, parse_budget, vram_ledger
@@ -232,10 +232,11 @@ class Suite:
         self.results["model"]["load_s"] = time.perf_counter() - t0
         self.log(f"  loaded in {self.results['model']['load_s']:.1f} s")
         predictors, threshold = get_predictors(ckpt, None)
-        counts = load_activations(os.path.join(folder, "activation"), part.cfg.n_layers, part.cfg.n_ff)
+        activation = os.path.join(folder, "activation")
+        counts = load_activations(activation, part.cfg.n_layers, part.cfg.n_ff)
         prompt = torch.randint(0, part.cfg.vocab_size, (systems.PROMPT_TOKENS,),
                                generator=torch.Generator().manual_seed(0)).tolist()
-        self.run_budgets(part, ckpt, predictors, threshold, counts, stats["eval_tokens"], prompt,
+        self.run_budgets(part, ckpt, predictors, threshold, counts, profiled_tokens(activation), prompt,
                          model_bytes(ckpt))
 
     def smollm2(self, part: Part) -> None:
@@ -274,8 +275,8 @@ class Suite:
         self.save()
         counts = load_activations(profile_dir, ckpt.config.n_layers, ckpt.config.n_ff)
         prompt = ckpt.tokenizer.encode(" ".join(docs[:4]))[:systems.PROMPT_TOKENS]
-        self.run_budgets(part, ckpt, predictors, threshold, counts, profiled["tokens"], prompt, model_bytes(ckpt),
-                         ppl_docs=docs)
+        self.run_budgets(part, ckpt, predictors, threshold, counts, profiled_tokens(profile_dir), prompt,
+                         model_bytes(ckpt), ppl_docs=docs)
 
     def dense_perplexity(self, ckpt, predictors, threshold, docs) -> dict:
         """Dense perplexity, and with the predictors' masks applied (all on one device): what the hybrid

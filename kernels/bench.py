@@ -21,7 +21,14 @@ import time
 
 import torch
 
-from . import FFNRows, get_backend, sparse_down, sparse_ffn, sparse_ffn_reference, sparse_gate_up
+from . import (
+    FFNRows,
+    get_backend,
+    sparse_down,
+    sparse_ffn,
+    sparse_ffn_reference,
+    sparse_gate_up,
+)
 from .cases import random_mask
 from .rows import FLOAT_DTYPES
 
@@ -266,7 +273,7 @@ def cpu_bench(records, flush_bytes, shapes, compare):
                 nbytes = (2 * n_active + n_nonzero) * row_bytes
                 base = dict(device="cpu", threads=threads, shape=shape, weight_type=weight_type, density=density,
                             T=1, ceiling_GBs=timer.read_GBs(nbytes))
-                ffn = lambda r: sparse_ffn(x, rows, active[r])  # noqa: E731
+                ffn = lambda r: sparse_ffn(x, rows, active[r])
                 steps = [("sparse_ffn", ffn, nbytes),
                          ("sparse_gate_up only", lambda r: sparse_gate_up(x, rows, active[r]), 2 * n_active * row_bytes),
                          ("sparse_down only", lambda r: sparse_down(h[r], rows), n_nonzero * row_bytes)]
@@ -283,7 +290,6 @@ def cpu_bench(records, flush_bytes, shapes, compare):
                     records.append(base | dict(impl=impl, us=t * 1e6, bytes=part_bytes, GBs=part_bytes / t / 1e9))
             if compare and weight_type == "f32" and shape == shapes[0]:
                 _cpu_token_sweep(timer, rows, records)
-            del rows
 
 
 def _cpu_token_sweep(timer, rows, records):
@@ -323,7 +329,7 @@ def _cpu_candidates(rows, x, active, n_active, nbytes):
             down(dt, sel[nz], hs[nz], numba.get_num_threads(), y)
         numba_ffn(0)  # compile (cached) outside the timing
         steps.append(("candidate (a): numba f32, sparse_ffn", numba_ffn, nbytes))
-    scale = lambda w: w.abs().amax(1) / 127  # noqa: E731
+    scale = lambda w: w.abs().amax(1) / 127
     w8 = [(torch.round(w / scale(w)[:, None]).to(torch.int8), scale(w).bfloat16()) for w in (rows.gate, rows.up)]
     xb, rows_per_chunk = x.bfloat16(), (8 << 20) // rows.d
 

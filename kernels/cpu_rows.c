@@ -17,7 +17,7 @@
 enum { F32 = 0, F16 = 1, BF16 = 2, Q8_0 = 3, Q4_0 = 4 };
 enum { RELU = 0, DRELU = 1, SILU = 2 };
 #define MAX_TOKENS 8  // tokens per call (kernels/cpu.py sends more to torch's matrix products)
-#define CHUNK 512      // elements decoded at a time (a multiple of the 32-element GGUF block)
+#define CHUNK 512     // elements decoded at a time (a multiple of the 32-element GGUF block)
 
 static float half_to_float(const uint8_t* p) {
   _Float16 h;

@@ -10,8 +10,9 @@ import cupy
 import numpy as np
 import torch
 
-from .rows import FLOAT_DTYPES, FFNRows
 from powerinfer_py.model import ffn_activation
+
+from .rows import FLOAT_DTYPES, FFNRows
 
 WEIGHT_CODES = {"f32": 0, "f16": 1, "bf16": 2, "q8_0": 3, "q4_0": 4}
 ACT_CODES = {"relu": 0, "drelu": 1, "silu": 2}

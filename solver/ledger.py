@@ -130,6 +130,15 @@ def workspace_bytes(cfg: ModelConfig, dtype: str, ctx_len: int, batch: int, max_
     return batch * (per_seq + 4 * cfg.n_heads * ctx_len + cfg.n_ff)
 
 
+SMALL_BUFFERS_BYTES = 64 << 10  # static decode inputs, hit counters, RoPE tables: each rounded up to 512 B blocks
+
+
+def runtime_bytes(cfg: ModelConfig) -> int:
+    """The hybrid engine's own buffers: each layer's bool mask of GPU neurons (rounded to the allocator's 512 B
+    blocks), and the small tensors of a decode step."""
+    return cfg.n_layers * (-(-cfg.n_ff // 512) * 512) + SMALL_BUFFERS_BYTES
+
+
 def vram_ledger(cfg: ModelConfig, weight_type: str, ffn_weight_type: str, ctx_len: int, batch: int,
                 predictor_ranks: list[int] | None, embeddings_on_gpu: bool = False,
                 graph_workspace_bytes: int = GRAPH_WORKSPACE_BYTES) -> Ledger:
@@ -176,4 +185,5 @@ def vram_ledger(cfg: ModelConfig, weight_type: str, ffn_weight_type: str, ctx_le
                             "workspace"))
     items.append(LedgerItem("workspace.logits", 4 * batch * cfg.vocab_size, "workspace"))
     items.append(LedgerItem("workspace.graph", graph_workspace_bytes, "workspace"))
+    items.append(LedgerItem("workspace.runtime", runtime_bytes(cfg), "workspace"))
     return Ledger(cfg, items, per_neuron, weight_type, ffn_weight_type)

@@ -83,9 +83,9 @@ class PlacementProblem:
         self.min_gpu_neurons = self.timing.min_gpu_neurons if min_gpu_neurons is None else min_gpu_neurons
         n_groups = math.ceil(self.n_ff / group)
         k_min = max(1, math.ceil(self.min_gpu_neurons / group))
-        # hot counts a layer may take: none, k_min..n_groups-1 whole groups, or all (if that meets C_l)
-        steps = [0] + [k * group for k in range(k_min, n_groups)] + [self.n_ff]
-        self.allowed_hot = np.array(steps if self.min_gpu_neurons <= self.n_ff else [0])
+        # hot counts a layer may take: none, k_min..n_groups-1 whole groups, or all: a layer wholly on the GPU
+        # hands nothing to the CPU, so C_l (which pays for the hand-off) does not bind it
+        self.allowed_hot = np.array([0] + [k * group for k in range(k_min, n_groups)] + [self.n_ff])
 
     @property
     def n_layers(self) -> int:

@@ -6,9 +6,16 @@ import warnings
 import pytest
 import torch
 
-from kernels import FFNRows, get_backend, sparse_down, sparse_ffn, sparse_gate_up, sparse_ffn_reference
-from kernels import sparse_gate_up_reference
-from kernels import cpu
+from kernels import (
+    FFNRows,
+    cpu,
+    get_backend,
+    sparse_down,
+    sparse_ffn,
+    sparse_ffn_reference,
+    sparse_gate_up,
+    sparse_gate_up_reference,
+)
 from kernels.cases import random_mask, random_share
 
 F32_RTOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}

@@ -30,7 +30,7 @@ def make_problem(n_layers=3, n_ff=16, neurons=20, group=4, min_gpu_neurons=0, se
 def brute_force(problem, objective):
     """The best over every per-layer prefix choice, from first principles."""
     n_ff, g, c = problem.n_ff, problem.group, problem.min_gpu_neurons
-    sizes = [0] + [k for k in range(g, n_ff, g) if k >= c] + ([n_ff] if n_ff >= c else [])
+    sizes = [0] + [k for k in range(g, n_ff, g) if k >= c] + [n_ff]  # a whole layer pays no hand-off: C_l exempt
     sorted_counts = [np.sort(row)[::-1] for row in problem.counts]
     t = problem.timing
     best = None
@@ -62,7 +62,7 @@ def check_feasible(problem, placement):
     for mask, counts, hot in zip(placement.gpu_masks, problem.counts, placement.hot_neurons):
         mask = mask.numpy()
         assert mask.dtype == bool and mask.sum() == hot
-        assert hot == 0 or hot >= c
+        assert hot in (0, problem.n_ff) or hot >= c
         assert hot in (0, problem.n_ff) or hot % problem.group == 0
         if 0 < hot < problem.n_ff:  # the hottest neurons
             assert counts[mask].min() >= counts[~mask].max()
