@@ -85,6 +85,7 @@ class Suite:
     def __init__(self, args):
         self.args, self.smoke = args, args.smoke
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.where = "GPU" if self.device == "cuda" else "CPU"
         self.deadline = time.monotonic() + args.deadline
         self.time_box = args.time_box or (2.0 if self.smoke else 20.0)
         self.machine = machine_info()
@@ -182,8 +183,7 @@ class Suite:
                                                                                     self.time_box), 3 * self.time_box)
             else:
                 self.add("accelerate", base, "skipped", "needs CUDA: accelerate offloads CPU weights to a GPU")
-        where = "GPU" if self.device == "cuda" else "CPU"
-        self.measure("dense", {"budget": None, "budget_label": f"none (whole model on the {where})"},
+        self.measure("dense", {"budget": None, "budget_label": f"none (whole model on the {self.where})"},
                      lambda: systems.dense(ckpt, prompt, self.time_box, self.device), 2 * self.time_box)
 
     def hybrid(self, part, ckpt, budget, predictors, threshold, masks, prompt, ppl_docs, trace) -> dict:
@@ -221,7 +221,8 @@ class Suite:
             write_json(made, stats)
         m = stats["measured"]
         self.start(part, {"weights": "synthetic weights", "statistics": stats, "description": (
-            f"Synthetic ReLU Llama with {describe_shape(part.cfg)} (fp16), random weights ({stats['weights']}), "
+            f"Synthetic ReLU Llama with {describe_shape(part.cfg)} (fp16), random weights (seed "
+            f"{stats['targets']['seed']}, made on the {self.where}), "
             f"predictors of rank {part.rank}; written in {stats['write_s']:.0f} s "
             f"({stats['file_bytes'] / 2**30:.2f} GiB). Measured on {stats['eval_tokens']} held-out tokens: "
             f"{m['sparsity']:.1%} of FFN neurons inactive per token, the hottest 26% carry {m['hot_mass']:.1%} of "

@@ -123,9 +123,10 @@ class HybridFeedForward(nn.Module):
         return y + y_host.to(y.device, non_blocking=True)
 
 
-def split_rows(gate, up, down, gpu_mask: np.ndarray, device, gpu_weight_type: str):
+def split_rows(gate, up, down, gpu_mask: np.ndarray, device, weight_type: str):
     """(gpu_rows, cpu_rows) of one layer: gate/up (n_ff, d), down (d, n_ff); gpu_mask (n_ff,) bool.
-    The CPU keeps only its cold rows; the GPU rows are packed compactly on the device."""
+    The CPU keeps only its cold rows; the GPU rows are packed compactly on the device. Both halves store
+    `weight_type` (the CPU kernels read half and quantized rows in place: fewer bytes than fp32)."""
     hot = torch.from_numpy(np.flatnonzero(gpu_mask)).long()
     cold = torch.from_numpy(np.flatnonzero(~gpu_mask)).long()
 
@@ -134,4 +135,4 @@ def split_rows(gate, up, down, gpu_mask: np.ndarray, device, gpu_weight_type: st
             return None
         return FFNRows.pack(gate[idx], up[idx], down[:, idx].T, idx, dev, weight_type)
 
-    return pack(hot, device, gpu_weight_type), pack(cold, "cpu", "f32")
+    return pack(hot, device, weight_type), pack(cold, "cpu", weight_type)
