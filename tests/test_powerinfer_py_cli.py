@@ -84,3 +84,20 @@ def test_wrong_tensor_shape(tmp_path, capsys):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     capsys.readouterr()
     assert_one_line_error(capsys, main(["run", "-m", str(tmp_path), "-p", "hi"]), "w_gate", "shape")
+
+
+def test_hybrid_run_of_a_powerinfer_gguf_on_the_cpu(tmp_path, capsys):
+    from convert import convert
+    from tiny_models import write_predictors
+
+    write_hf_llama(str(tmp_path / "hf"))
+    write_predictors(str(tmp_path / "pred"), threshold=-100.0)  # every neuron active: the dense model's tokens
+    gguf = str(tmp_path / "tiny.powerinfer.gguf")
+    convert(str(tmp_path / "hf"), gguf, str(tmp_path / "pred"), outtype="f32", progress=False)
+    capsys.readouterr()
+    args = ["-p", "The quick brown fox", "-n", "12", "--device", "cpu"]
+    assert main(["run", "-m", gguf, "--vram-budget", "1GiB", *args]) == 0
+    hybrid_out, err = capsys.readouterr()
+    assert "FFN neurons on GPU: 0/320" in err and "generation:" in err
+    assert main(["run", "-m", str(tmp_path / "hf"), *args]) == 0
+    assert capsys.readouterr().out == hybrid_out
