@@ -329,9 +329,10 @@ class Suite:
             if cold_type != "q4_0":
                 self.add("bound", {**base, "budget_label": base["budget_label"] + ", Q4_0 CPU rows"},
                          **systems.bound(problem, masks, self.bandwidths, "q4_0"), cpu_ram_cold_rows=ram["q4_0"])
+            as_q4 = f" ({format_bytes(ram['q4_0'])} as Q4_0)" if cold_type != "q4_0" else ""
             self.note(f"At {format_bytes(budget)} the engine's cold rows ({cold_type} on the CPU, as "
-                      f"hybrid.split_rows packs them) need {format_bytes(ram[cold_type])} of RAM, "
-                      f"{format_bytes(ram['q4_0'])} as Q4_0; this machine has {format_bytes(ram_bytes())}.")
+                      f"hybrid.split_rows packs them) need {format_bytes(ram[cold_type])} of RAM{as_q4}; this "
+                      f"machine has {format_bytes(ram_bytes())}.")
         sample = np.random.default_rng(0).standard_normal((256, cfg.dim), dtype=np.float32)
         t0 = time.perf_counter()
         encode(sample, Q4_0)
@@ -340,7 +341,8 @@ class Suite:
         self.note(f"A Q4_0 PowerInfer file of these shapes takes {format_bytes(q4_0_file_bytes(cfg, part.rank))} "
                   f"({format_bytes(shutil.disk_usage(self.args.work).free)} free in {self.args.work}); gguf's numpy "
                   f"quantizer ran at {rate / 1e6:.1f}M values/s here, {values / rate / 60:.0f} min for its "
-                  f"{values / 1e9:.1f}B values.")
+                  f"{values / 1e9:.1f}B values, and the loader (powerinfer_py/formats/gguf.py) decodes quantized "
+                  f"tensors to fp32 in host memory: {format_bytes(4 * values)}.")
 
 
 def budget_bytes(spec: str, ledger) -> int:

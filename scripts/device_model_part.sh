@@ -11,5 +11,6 @@ if [ -f .dev$part/materialize.py ]; then
     n=$(ls /tmp/model-int8/int8 | wc -l)
     [ "$n" = 10 ] || { echo "only $n of 10 shards on the device: the machine went cold, start again from part 1"; exit 3; }
     python3 /tmp/model-int8/materialize.py /tmp/relu-smollm2
+    mkdir -p /tmp/data && cp .dev$part/*.txt /tmp/data/  # calib.txt, wiki-dev.txt
 fi
 ls /tmp/model-int8/int8 | wc -l

@@ -34,7 +34,8 @@ def test_synthetic_part_rows(smoke):
 def test_ledger_only_part_and_report(smoke):
     result = json.loads((smoke / "llama2-70b-q4_0.json").read_text())
     assert {r["system"] for r in result["rows"]} == {"bound"}
-    assert [r["status"] for r in result["rows"]] == ["infeasible", "ok", "ok"]
+    statuses = [r["status"] for r in result["rows"]]
+    assert statuses[0] == "infeasible" and statuses[1:] and set(statuses[1:]) == {"ok"}
     assert any("Q4_0 PowerInfer file" in n for n in result["notes"])
     table = (smoke / "benchmarks.md").read_text()
     assert "### llama2-7b: synthetic weights" in table and "### llama2-70b-q4_0" in table
