@@ -333,7 +333,8 @@ class Suite:
             self.note(f"At {format_bytes(budget)} the engine's cold rows ({cold_type} on the CPU, as "
                       f"hybrid.split_rows packs them) need {format_bytes(ram[cold_type])} of RAM{as_q4}; this "
                       f"machine has {format_bytes(ram_bytes())}.")
-        sample = np.random.default_rng(0).standard_normal((256, cfg.dim), dtype=np.float32)
+        sample = np.random.default_rng(0).standard_normal((1024, cfg.dim), dtype=np.float32)
+        encode(sample[:32], Q4_0)  # warm-up
         t0 = time.perf_counter()
         encode(sample, Q4_0)
         rate = sample.size / (time.perf_counter() - t0)

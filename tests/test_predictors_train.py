@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from powerinfer_py.model import Predictor
 from predictors.metrics import confusion_counts, confusion_rates
 from predictors.train import (GLOBAL_THRESHOLD, TrainConfig, bce_grad, calibrate_threshold, fold_thresholds, grow,
-                              heldout_split, train_layer)
+                              heldout_split, initial_rank, train_layer)
 
 
 def planted_problem(n_tokens, seed, dim=24, n_ff=40, rank=6):
@@ -38,18 +38,17 @@ def test_trained_predictor_reaches_its_recall_on_a_planted_problem(one_thread):
     inputs, masks = planted_problem(8000, seed=1)
     cfg = TrainConfig(target_recall=0.95, min_rank=16, max_rank=16, epochs=15, batch_size=256, lr=1e-2)
     state, threshold, report = train_layer(inputs, masks, cfg)
-    assert report["heldout"]["recall"] >= 0.95 and threshold < 0
-    assert state["fc1.weight"].shape == (report["rank"], 24) and state["fc2.weight"].shape == (40, report["rank"])
+    assert report["heldout"]["recall"] >= 0.95
+    assert state["fc1.weight"].shape == (16, 24) and state["fc2.weight"].shape == (40, 16)
 
-    # fresh tokens, the exported (raw-input) weights, the folded global threshold
-    (folded,), _ = fold_thresholds([state], [threshold])
-    pred = Predictor(24, report["rank"], 40, GLOBAL_THRESHOLD)
-    pred.load_state_dict(folded)
+    # fresh tokens through the exported weights, which take the raw (unscaled) input
+    pred = Predictor(24, 16, 40, threshold)
+    pred.load_state_dict(state)
     test_inputs, test_masks = planted_problem(4000, seed=2)
     with torch.no_grad():
         rates = confusion_rates(confusion_counts(pred(test_inputs), test_masks))
     assert rates["recall"] >= 0.94
-    assert rates["active_ratio"] < 1.25  # an easy problem: few extra neurons predicted
+    assert rates["active_ratio"] < 1.2  # learned: few extra neurons predicted (an untrained one needs ~4x)
 
 
 def test_calibrated_threshold_hits_the_requested_recall_on_held_out_data():
@@ -115,6 +114,4 @@ def test_heldout_split_is_a_partition_of_interleaved_blocks():
 
 @pytest.mark.parametrize("fraction,rank", [(0.05, 32), (0.2, 64), (0.5, 128), (0.9, 128)])
 def test_initial_rank_follows_the_active_fraction(fraction, rank):
-    from predictors.train import initial_rank
-
     assert initial_rank(fraction, TrainConfig(min_rank=32, max_rank=128)) == rank

@@ -9,6 +9,7 @@ import json
 import os
 import re
 import struct
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -451,6 +452,15 @@ def _rope_scaling(md: dict, arch: str) -> dict | None:
     return scaling
 
 
+def _owned_tensor(array: np.ndarray) -> torch.Tensor:
+    """A C-order torch copy of a (possibly read-only, possibly transposed) memory-map view; torch copies a
+    transpose several times faster than numpy."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # from_numpy on a read-only view: we copy it at once
+        view = torch.from_numpy(array)
+    return view.clone(memory_format=torch.contiguous_format) if view.is_contiguous() else view.contiguous()
+
+
 def load_gguf_checkpoint(path: str):
     """(ModelConfig, tensors, tokenizer, predictors, special) from a GGUF or PowerInfer file.
 
@@ -471,7 +481,7 @@ def load_gguf_checkpoint(path: str):
         # a C-order copy: ffn_down_t's transpose would otherwise stay a strided view, and matmuls over it sum in
         # another order than over the Hugging Face tensor (logits then differ in the last bits)
         dtype = np.float16 if data.dtype == np.float16 else np.float32
-        tensor = torch.from_numpy(np.array(data, dtype=dtype, order="C"))
+        tensor = _owned_tensor(np.asarray(data, dtype=dtype))
         if m is not None:
             if int(m.group(1)) >= cfg.n_layers:
                 raise ModelFormatError(f"{path}: tensor {name} is beyond the {cfg.n_layers} layers")
