@@ -413,7 +413,7 @@ def smollm2_description(pred_dir: str, profiled: dict, made: str) -> str:
         with open(report_path) as f:
             layers = json.load(f)["layers"]
         recall = np.mean([r["heldout"]["recall"] for r in layers])
-        ratio = np.mean([r["active_ratio"] for r in layers])
+        ratio = np.mean([r["heldout"]["active_ratio"] for r in layers])
         quality = f"; held-out predictor recall {recall:.1%}, {ratio:.2f}x the true active neurons computed"
     return (f"relu-smollm2-135m (../shared: real weights, fp16), predictors trained with `powerinfer-py "
             f"train-predictors` {made} on {profiled['tokens']} tokens of calib.txt{quality}; "

@@ -6,6 +6,7 @@ computed per token from the same predictor mask (hybrid.py). The placement comes
 (PowerInfer's format, cached next to the model like PowerInfer) or is solved from activation counts."""
 from __future__ import annotations
 
+import gc
 import os
 import sys
 import time
@@ -137,7 +138,8 @@ def build_hybrid(ckpt: Checkpoint, device, dtype, budget: int | None = None, pre
         if predictors:
             install_predictors(model, predictors, threshold)
         install_hybrid_ffns(model, ckpt, gpu_masks, device, gpu_weight_type or dense_type, counters)
-        if device.type == "cuda" and all(np.all(m) for m in gpu_masks) and choose_dense_when_all_fits:
+        if device.type == "cuda" and all(np.all(m) for m in gpu_masks) and choose_dense_when_all_fits \
+                and budget >= ledger.dense_bytes + 2 * ledger.ffn_bytes_per_neuron * cfg.n_layers * cfg.n_ff:
             source += "; " + keep_faster_full_gpu_ffn(model, ckpt, gpu_masks, gpu_weight_type or dense_type, counters)
         if counters is not None:
             counters.reset()  # count the user's tokens only
@@ -173,8 +175,8 @@ def decode_tps(model, tokens: int = 32) -> float:
 
 
 def keep_faster_full_gpu_ffn(model, ckpt: Checkpoint, gpu_masks, gpu_weight_type: str, counters) -> str:
-    """Every neuron fits on the GPU: time the sparse FFNs (predictors + sparse kernels) against the dense FFNs
-    (no predictors, exact), and keep the faster. One set lives at a time, so the budget holds throughout."""
+    """Every neuron fits on the GPU with room for a second copy of the FFN: time the sparse FFNs (predictors +
+    sparse kernels) against the dense FFNs (no predictors, exact), and keep the faster."""
     sparse_tps = decode_tps(model)
     predictors = [layer.predictor for layer in model.layers]
     device, dtype = model.tok_embeddings.weight.device, model.tok_embeddings.weight.dtype
@@ -186,11 +188,14 @@ def keep_faster_full_gpu_ffn(model, ckpt: Checkpoint, gpu_masks, gpu_weight_type
         dense.load_state_dict({w + ".weight": ckpt.tensors[f"layers.{i}.feed_forward.{w}.weight"].to(device, dtype)
                                for w in FFN_WEIGHTS}, assign=True)
         layer.feed_forward = dense
+    gc.collect()  # the timing's CUDA graphs hold memory until collected
+    torch.cuda.empty_cache()
     dense_tps = decode_tps(model)
     if dense_tps >= sparse_tps:
         return f"all neurons fit: dense FFN kept ({dense_tps:.0f} tok/s against sparse {sparse_tps:.0f})"
     for layer, predictor in zip(model.layers, predictors):
         layer.feed_forward, layer.predictor = None, predictor
+    gc.collect()
     torch.cuda.empty_cache()
     install_hybrid_ffns(model, ckpt, gpu_masks, device, gpu_weight_type, counters)
     return f"all neurons fit: sparse FFN kept ({sparse_tps:.0f} tok/s against dense {dense_tps:.0f})"

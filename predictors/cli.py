@@ -18,6 +18,8 @@ from .profile import activation_stats, check_profilable, profile, token_windows
 from .train import TrainConfig, train_predictors
 
 DATASET = "dataset"  # the subfolder of a profile folder that holds the training set
+MIN_TRAIN_TOKENS = 2048  # enough for a held-out share that calibrates the threshold
+TRAIN_TASK = "training and calibrating"
 
 
 def _log(msg: str) -> None:
@@ -68,10 +70,12 @@ def _read_text(path: str) -> str:
     return "\n\n".join(read_documents(path))
 
 
-def _profile_into(args, model, tokenizer, folder: str, dump: bool) -> tuple:
+def _profile_into(args, model, tokenizer, folder: str, dump: bool, min_tokens: int = 2,
+                  task: str = "profiling") -> tuple:
     """Profile args.data into `folder` (activation files, stats.json, optionally the dataset)."""
     check_profilable(model.config, args.fatrelu_threshold)
     windows = token_windows(tokenizer, _read_text(args.data), args.window, args.max_tokens)
+    _check_tokens(args.data, sum(len(w) for w in windows), min_tokens, task)
     cfg = model.config
     dataset = DatasetWriter(os.path.join(folder, DATASET), cfg.n_layers, cfg.dim, cfg.n_ff,
                             args.fatrelu_threshold) if dump else None
@@ -126,14 +130,13 @@ def cmd_train(args) -> int:
             device = model.tok_embeddings.weight.device
             scratch = stack.enter_context(tempfile.TemporaryDirectory(
                 prefix=".profile.", dir=os.path.dirname(os.path.abspath(args.output))))
-            _, interrupted = _profile_into(args, model, ckpt.tokenizer, scratch, dump=True)
+            _, interrupted = _profile_into(args, model, ckpt.tokenizer, scratch, dump=True,
+                                           min_tokens=MIN_TRAIN_TOKENS, task=TRAIN_TASK)
             if interrupted:
                 raise KeyboardInterrupt
-            del model
+            del ckpt, model
             dataset = PredictorDataset(os.path.join(scratch, DATASET))
-        if dataset.tokens < MIN_TRAIN_TOKENS:
-            raise InputError(f"{args.data}: {dataset.tokens} tokens; training and calibrating needs at least "
-                             f"{MIN_TRAIN_TOKENS}")
+        _check_tokens(args.data, dataset.tokens, MIN_TRAIN_TOKENS, TRAIN_TASK)
         layers, threshold, report = train_predictors(dataset, cfg, device)
     report["seconds"] = time.perf_counter() - t0
     with atomic_dir(args.output, args.force) as tmp:
@@ -145,7 +148,9 @@ def cmd_train(args) -> int:
     return 0
 
 
-MIN_TRAIN_TOKENS = 2048
+def _check_tokens(source: str, tokens: int, needed: int, task: str) -> None:
+    if tokens < needed:
+        raise InputError(f"{source}: {tokens} tokens; {task} needs at least {needed}")
 
 
 def _dataset_folder(path: str) -> str:

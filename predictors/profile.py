@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from tqdm import tqdm
 
-from powerinfer_py.errors import InputError, UnsupportedModelError
+from powerinfer_py.errors import UnsupportedModelError
 
 from .capture import FFNCapture, active_mask, run_layers
 from .dataset import DatasetWriter
@@ -18,8 +18,6 @@ def token_windows(tokenizer, text: str, window: int, max_tokens: int | None = No
     """Cut the tokenized text into windows of `window` tokens. With max_tokens, take evenly spaced windows
     across the whole text: a prefix of a corpus sorted by source would profile one kind of text only."""
     ids = tokenizer.encode(text)
-    if len(ids) < 2:
-        raise InputError(f"the text has {len(ids)} tokens; profiling needs at least 2")
     windows = [ids[i:i + window] for i in range(0, len(ids), window)]
     if max_tokens is not None and max_tokens < len(ids):
         n = -(-max_tokens // window)
@@ -70,7 +68,7 @@ class Profiler:
             mask = active_mask(act, self.active_threshold).reshape(-1, n_ff)
             batch_counts[i] = mask.sum(0)
             if self.dataset is not None:
-                inputs[i], masks[i] = p.reshape(mask.shape[0], -1), mask
+                inputs[i], masks[i] = p.reshape(mask.shape[0], -1).to(torch.float16), mask
 
         with FFNCapture(self.model, on_layer):
             run_layers(self.model, tokens)

@@ -89,6 +89,6 @@ def test_gpu_memory_stays_within_the_budget(tmp_path, ffn_share):
     setup = build_hybrid(ckpt, "cuda", torch.float16, budget, preds, ctx_len=256, activation=str(tmp_path),
                          gpuidx=str(tmp_path / "model.gpuidx"))
     hot = sum(int(m.sum()) for m in setup.placement_masks)
-    assert abs(hot - ffn_share * cfg.n_layers * cfg.n_ff) <= 64 * cfg.n_layers  # the solver filled the budget
+    assert 0 <= ffn_share * cfg.n_layers * cfg.n_ff - hot < cfg.n_ff  # filled to within a layer (C_l > n_ff here)
     Generator(setup.model, 256).generate(list(range(3, 19)), 64)
     assert torch.cuda.max_memory_allocated() - base <= budget

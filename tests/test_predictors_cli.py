@@ -21,7 +21,7 @@ def tiny_model(tmp_path_factory):
 @pytest.fixture(scope="module")
 def text_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "text.txt"
-    path.write_text("\n\n".join([TEXT] * 4))  # about 4000 tokens with the tiny tokenizer
+    path.write_text("\n\n".join([TEXT] * 4))  # about 8800 tokens with the tiny tokenizer
     return str(path)
 
 
@@ -93,15 +93,23 @@ def test_train_profiles_text_on_the_fly_and_leaves_no_scratch(tiny_model, text_f
 
 def test_too_little_text_to_train(tiny_model, tmp_path, capsys):
     data = tmp_path / "short.txt"
-    data.write_text(TEXT)
+    data.write_text(TEXT[:1500])  # about 970 tokens
     rc = main(["train-predictors", "-m", tiny_model, "--data", str(data), "-o", str(tmp_path / "pred")])
     assert_one_line_error(capsys, rc, "needs at least 2048")
     assert not (tmp_path / "pred").exists()
 
 
+def test_text_without_tokens_is_refused(tiny_model, tmp_path, capsys):
+    data = tmp_path / "one.txt"
+    data.write_text("a")
+    rc = main(["profile", "-m", tiny_model, "--data", str(data), "-o", str(tmp_path / "p")])
+    assert_one_line_error(capsys, rc, "1 tokens", "profiling needs at least 2")
+
+
 def test_silu_model_is_refused_without_a_threshold(tmp_path, text_file, capsys):
     folder = str(tmp_path / "silu")
     write_hf_llama(folder, hidden_act="silu")
+    capsys.readouterr()
     rc = main(["profile", "-m", folder, "--data", text_file, "-o", str(tmp_path / "p"), "--max-tokens", "200"])
     assert_one_line_error(capsys, rc, "silu", "--fatrelu-threshold")
     assert main(["profile", "-m", folder, "--data", text_file, "-o", str(tmp_path / "p"), "--max-tokens", "200",
