@@ -121,7 +121,8 @@ def train_layer(inputs: torch.Tensor, masks: torch.Tensor, cfg: TrainConfig) -> 
     generator = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     train_rows, held_rows = heldout_split(inputs.shape[0], cfg.heldout_share)
-    train_rows = train_rows[torch.randperm(len(train_rows), generator=generator)]
+    train_rows = train_rows[torch.randperm(len(train_rows), generator=generator)].to(inputs.device)
+    held_rows = held_rows.to(inputs.device)
     # Per-dimension input scale (no shift: there is no bias), folded into fc1 at the end.
     scale = inputs[train_rows].float().pow(2).mean(0).sqrt().clamp(min=1e-6)
     x_train, y_train = (inputs[train_rows] / scale).bfloat16(), masks[train_rows]
