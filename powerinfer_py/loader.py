@@ -79,7 +79,7 @@ def load_checkpoint(path: str) -> Checkpoint:
 
     cfg, tensors, backend, predictors, special = load_gguf_checkpoint(path)
     tokenizer = Tokenizer(backend, special.get("bos_id"), special.get("eos_ids", cfg.eos_token_ids),
-                          special.get("add_bos", False)) if backend is not None else None
+                          special.get("add_bos", False), special.get("chat_template")) if backend is not None else None
     return Checkpoint(cfg, tensors, tokenizer, predictors, kind, path)
 
 

@@ -73,7 +73,7 @@ def test_sparse_f16_loads_back_exactly(tiny, tmp_path):
             assert torch.equal(got[key], want[key].half())
     ref = tokenizers.Tokenizer.from_file(os.path.join(tiny.hf, "tokenizer.json"))
     assert tokenizer.encode(TEXT, add_special_tokens=False).ids == ref.encode(TEXT, add_special_tokens=False).ids
-    assert special == {"bos_id": 1, "eos_ids": (2,), "add_bos": False}
+    assert special == {"bos_id": 1, "eos_ids": (2,), "add_bos": False, "chat_template": "{{ messages }}"}
 
 
 @pytest.mark.parametrize("outtype,qtype", [("q8_0", T.Q8_0), ("q4_0", T.Q4_0)])

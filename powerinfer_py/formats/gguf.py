@@ -466,7 +466,7 @@ def load_gguf_checkpoint(path: str):
 
     tensors: runtime names -> CPU tensors in Hugging Face layout (F16 stays fp16, F32 and every quantized type
     become fp32). tokenizer: a `tokenizers.Tokenizer` or None. predictors: per-layer {'fc1.weight',
-    'fc2.weight'} or None. special: {'bos_id', 'eos_ids', 'add_bos'}."""
+    'fc2.weight'} or None. special: {'bos_id', 'eos_ids', 'add_bos', 'chat_template'}."""
     from ..gguf_tokenizer import tokenizer_from_metadata
 
     f = read_gguf(path)
@@ -497,5 +497,6 @@ def load_gguf_checkpoint(path: str):
         raise ModelFormatError(f"{path}: predictors (blk.N.fc1/fc2) are missing for some layers")
     md = f.metadata
     special = {"bos_id": md.get("tokenizer.ggml.bos_token_id"), "eos_ids": cfg.eos_token_ids,
-               "add_bos": md.get("tokenizer.ggml.add_bos_token", md.get("tokenizer.ggml.model") == "llama")}
+               "add_bos": md.get("tokenizer.ggml.add_bos_token", md.get("tokenizer.ggml.model") == "llama"),
+               "chat_template": md.get("tokenizer.chat_template")}
     return cfg, tensors, tokenizer_from_metadata(md, path), (predictors if found else None), special
