@@ -4,12 +4,16 @@ instead of hundreds of launches."""
 from __future__ import annotations
 
 import time
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
 
 from .errors import InputError
 from .sampling import Sampler, SamplingParams
+
+
+PREFILL_CHUNK = 512  # prompt tokens per forward; the VRAM ledger charges the activations of one chunk
 
 
 @dataclass
@@ -39,7 +43,7 @@ def _sync(device):
 class Generator:
     """Runs a Transformer (dense or hybrid) with a preallocated KV cache of `max_len` positions."""
 
-    def __init__(self, model, max_len: int, use_cuda_graph: bool = True, prefill_chunk: int = 512):
+    def __init__(self, model, max_len: int, use_cuda_graph: bool = True, prefill_chunk: int = PREFILL_CHUNK):
         self.model = model
         self.device = model.tok_embeddings.weight.device
         self.max_len = max_len
@@ -47,14 +51,30 @@ class Generator:
         model.setup_caches(1, max_len)
         self.use_graph = use_cuda_graph and self.device.type == "cuda"
         self.graphs = {}  # attended cache length -> replay function of its captured step
+        # all GPU work on one stream of our own: graph capture needs a side stream, and every stream that runs a
+        # matrix product holds a cuBLAS workspace (the VRAM ledger charges one)
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+
+    @contextlib.contextmanager
+    def on_stream(self):
+        """Run the block on the Generator's stream, ordered after and before the caller's stream's work."""
+        if self.stream is None:
+            yield
+            return
+        caller = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(caller)
+        with torch.cuda.stream(self.stream):
+            yield
+        caller.wait_stream(self.stream)
 
     # -- one forward over a chunk of tokens at positions [start, start+T)
     def prefill(self, tokens: list[int], start: int = 0) -> torch.Tensor:
         logits = None
-        for i in range(0, len(tokens), self.prefill_chunk):
-            chunk = torch.tensor([tokens[i:i + self.prefill_chunk]], device=self.device)
-            pos = torch.arange(start + i, start + i + chunk.shape[1], device=self.device)
-            logits = self.model(chunk, pos, kv_len=start + i + chunk.shape[1], last_only=True)
+        with self.on_stream():
+            for i in range(0, len(tokens), self.prefill_chunk):
+                chunk = torch.tensor([tokens[i:i + self.prefill_chunk]], device=self.device)
+                pos = torch.arange(start + i, start + i + chunk.shape[1], device=self.device)
+                logits = self.model(chunk, pos, kv_len=start + i + chunk.shape[1], last_only=True)
         return logits[0, -1]
 
     def _bucket(self, pos: int) -> int:
@@ -64,6 +84,10 @@ class Generator:
 
     def decode(self, token: int, pos: int) -> torch.Tensor:
         """Logits (vocab,) after feeding `token` at position `pos`."""
+        with self.on_stream():
+            return self._decode(token, pos)
+
+    def _decode(self, token: int, pos: int) -> torch.Tensor:
         if not self.use_graph:
             t = torch.tensor([[token]], device=self.device)
             return self.model(t, torch.tensor([pos], device=self.device), kv_len=pos + 1)[0, -1]
@@ -87,6 +111,10 @@ class Generator:
             raise InputError(f"prompt of {len(prompt)} tokens + {max_new_tokens} new tokens exceeds the context "
                              f"length {self.max_len}")
         sampler = Sampler(params or SamplingParams())
+        with self.on_stream():
+            return self._generate(prompt, max_new_tokens, sampler, eos_ids, on_token)
+
+    def _generate(self, prompt, max_new_tokens, sampler, eos_ids, on_token):
         stats = GenerationStats(prompt_tokens=len(prompt))
         _sync(self.device)
         t0 = time.perf_counter()
@@ -104,7 +132,7 @@ class Generator:
                 on_token(token)
             if token in eos_ids or len(out) >= max_new_tokens:
                 break
-            token = sampler(self.decode(token, len(history) - 1), history)
+            token = sampler(self._decode(token, len(history) - 1), history)
         _sync(self.device)
         stats.generate_seconds = time.perf_counter() - t0
         stats.generated_tokens = len(out)
@@ -170,16 +198,13 @@ def capture_decode(model, token, pos, kv_len: int, pool):
         if host_step is not None:
             host_step()
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up outside the graphs, as torch's graph docs require
-        for segment, host_step in plan:
-            run(segment, host_step)
-    torch.cuda.current_stream().wait_stream(side)
+    stream = torch.cuda.current_stream()  # the Generator's own side stream: warm-up and capture both run on it
+    for segment, host_step in plan:  # warm-up outside the graphs, as torch's graph docs require
+        run(segment, host_step)
     graphs = []
     for segment, host_step in plan:
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool):
+        with torch.cuda.graph(graph, pool=pool, stream=stream):
             run(segment, None)
         graphs.append((graph, host_step))
     logits = state["logits"]

@@ -14,11 +14,12 @@ import torch
 from kernels import FFNRows
 from powerinfer_py.config import ModelConfig
 from powerinfer_py.errors import BudgetError, InputError
+from powerinfer_py.generate import PREFILL_CHUNK
 
 DENSE_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 # PowerInfer's order; "attention" includes attention_norm, "norm" is the FFN norms, "output" the final norm too.
 CATEGORIES = ("attention", "predictor", "norm", "output", "embedding", "kv_cache", "workspace")
-GRAPH_WORKSPACE_BYTES = 32 << 20  # cuBLAS workspace on Hopper (32 MiB) that CUDA-graph capture keeps alive
+GRAPH_WORKSPACE_BYTES = 32 << 20  # cuBLAS workspace on Hopper (32 MiB) of the one stream the engine runs on
 
 _UNITS = {"": 1 << 30, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40,
           "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40,
@@ -120,14 +121,15 @@ def _describe(placed: list[LedgerItem], unplaced: list[LedgerItem]) -> str:
     return f"{', '.join(held) or 'nothing'}, not {', '.join(missing)}"
 
 
-def workspace_bytes(cfg: ModelConfig, dtype: str, ctx_len: int, batch: int, max_rank: int) -> int:
-    """Activations of one decode step: the residual, attention input and output, normed FFN input and FFN output
-    (5 x dim), q/k/v, fp32 attention scores over ctx_len, gate/up/activation and predictor logits over n_ff,
-    the predictor's hidden layer, and the bool active mask."""
+def workspace_bytes(cfg: ModelConfig, dtype: str, ctx_len: int, tokens: int, max_rank: int) -> int:
+    """Activations of one forward over `tokens` tokens (a decode step of a batch, or a prefill chunk): the
+    residual, attention input and output, normed FFN input and FFN output (5 x dim), q/k/v, fp32 attention scores
+    over ctx_len, gate/up/activation and predictor logits over n_ff, the predictor's hidden layer, and the bool
+    active mask."""
     size = DENSE_DTYPES[dtype].itemsize
     q_dim = cfg.n_heads * cfg.head_dim
     per_seq = size * (5 * cfg.dim + q_dim + 2 * cfg.kv_dim + 4 * cfg.n_ff + max_rank)
-    return batch * (per_seq + 4 * cfg.n_heads * ctx_len + cfg.n_ff)
+    return tokens * (per_seq + 4 * cfg.n_heads * ctx_len + cfg.n_ff)
 
 
 SMALL_BUFFERS_BYTES = 64 << 10  # static decode inputs, hit counters, RoPE tables: each rounded up to 512 B blocks
@@ -181,7 +183,9 @@ def vram_ledger(cfg: ModelConfig, weight_type: str, ffn_weight_type: str, ctx_le
         for kind in ("k", "v"):
             add(f"layers.{i}.attention.kv_cache.{kind}", batch * kv_dim * ctx_len, "kv_cache", i)
     max_rank = max(predictor_ranks or [0])
-    items.append(LedgerItem("workspace.activations", workspace_bytes(cfg, weight_type, ctx_len, batch, max_rank),
+    prefill_tokens = min(PREFILL_CHUNK, ctx_len)  # the engine prefills prompts in chunks of this many tokens
+    items.append(LedgerItem("workspace.activations",
+                            workspace_bytes(cfg, weight_type, ctx_len, batch * prefill_tokens, max_rank),
                             "workspace"))
     items.append(LedgerItem("workspace.logits", 4 * batch * cfg.vocab_size, "workspace"))
     items.append(LedgerItem("workspace.graph", graph_workspace_bytes, "workspace"))

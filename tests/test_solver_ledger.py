@@ -4,6 +4,7 @@ import torch
 from kernels import FFNRows
 from powerinfer_py.config import ModelConfig
 from powerinfer_py.errors import BudgetError, InputError
+from powerinfer_py.generate import PREFILL_CHUNK
 from powerinfer_py.model import Predictor, Transformer
 from solver import CATEGORIES, DENSE_DTYPES, parse_budget, vram_ledger
 from solver.ledger import workspace_bytes
@@ -76,7 +77,8 @@ def test_order_and_workspace():
     order = [CATEGORIES.index(item.category) for item in ledger.items]
     assert order == sorted(order)
     work = {item.name: item.bytes for item in ledger.items if item.category == "workspace"}
-    assert work["workspace.activations"] == workspace_bytes(CFG, "f16", 32, 2, max(RANKS))
+    # a prefill chunk of min(PREFILL_CHUNK, ctx) tokens per sequence: the largest forward the engine runs
+    assert work["workspace.activations"] == workspace_bytes(CFG, "f16", 32, 2 * min(PREFILL_CHUNK, 32), max(RANKS))
     assert work["workspace.logits"] == 4 * 2 * CFG.vocab_size
     assert workspace_bytes(CFG, "f16", 64, 2, 12) > workspace_bytes(CFG, "f16", 32, 2, 12)  # scores over ctx
     assert workspace_bytes(CFG, "f16", 32, 4, 12) == 2 * workspace_bytes(CFG, "f16", 32, 2, 12)
