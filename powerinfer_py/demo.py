@@ -29,8 +29,9 @@ def _step(title: str) -> None:
     print(f"\n=== {title}", file=sys.stderr, flush=True)
 
 
-def half_ffn_budget(model_dir: str, predictor_dir: str, device: str) -> str:
-    """A budget whose FFN share holds about half of the neurons, from the same ledger the engine uses."""
+def half_ffn_budget(model_dir: str, predictor_dir: str) -> str:
+    """A budget whose FFN share holds about half of the neurons, from the ledger the engine uses on a GPU (fp16;
+    `solve` charges the same by default)."""
     from solver import vram_ledger
 
     from .formats import load_predictors
@@ -38,8 +39,8 @@ def half_ffn_budget(model_dir: str, predictor_dir: str, device: str) -> str:
 
     cfg = read_config(model_dir)
     preds, _ = load_predictors(predictor_dir, cfg.n_layers, cfg.dim, cfg.n_ff)
-    dtype = "f16" if device == "cuda" else "f32"
-    ledger = vram_ledger(cfg, dtype, dtype, 2048, 1, [p["fc1.weight"].shape[0] for p in preds], embeddings_on_gpu=True)
+    ledger = vram_ledger(cfg, "f16", "f16", min(2048, cfg.max_seq_len), 1, [p["fc1.weight"].shape[0] for p in preds],
+                         embeddings_on_gpu=True)
     return f"{ledger.dense_bytes + ledger.ffn_bytes_per_neuron * cfg.n_layers * cfg.n_ff // 2}B"
 
 
@@ -73,10 +74,10 @@ def cmd_demo(args) -> int:
     _step("2/6 train the per-layer predictors")
     call("train-predictors", "-m", DEMO_MODEL, "--data", work("activation"), "-o", work("predictors"), "--device", device)
 
-    budget = args.vram_budget or half_ffn_budget(DEMO_MODEL, work("predictors"), device)
+    budget = args.vram_budget or half_ffn_budget(DEMO_MODEL, work("predictors"))
     _step(f"3/6 solve the placement for a VRAM budget of {budget}")
     call("solve", "-m", DEMO_MODEL, "--activation", work("activation"), "--vram-budget", budget,
-         "-o", work("demo.powerinfer.gguf.generated.gpuidx"), "--report")
+         "--predictors", work("predictors"), "-o", work("demo.powerinfer.gguf.generated.gpuidx"), "--report")
 
     _step("4/6 convert to a PowerInfer GGUF (predictors inside)")
     call("convert", DEMO_MODEL, work("predictors"), "-o", work("demo.powerinfer.gguf"), "--outtype", "f16")
