@@ -2,7 +2,7 @@
 
 - Up to NATIVE_MAX_TOKENS tokens (decode): the C kernels of cpu_rows.c, built once for this machine with the
   system C compiler and OpenMP, called through ctypes. Each needed row is read once, in place, in its packed
-  type: no gathered copy, so they run near memory bandwidth (kernels/BENCHMARKS_kernels.md).
+  type: no gathered copy, so they run near memory bandwidth (BENCHMARKS.md, sparse kernels).
 - More tokens (prefill), or no C compiler: torch matrix products over the needed rows, gathered and decoded to
   fp32 in chunks into reused buffers that stay in cache (a fresh gather of all active rows is the trap
   device-facts.md measures), from DENSE_FRACTION of the rows on over all rows; f32 rows' down projection by

@@ -91,3 +91,13 @@ def test_stats_give_sparsity_and_hot_neuron_shares():
     (layer,) = activation_stats(counts, tokens=40)
     assert layer["sparsity"] == pytest.approx(1 - 100 / 200)
     assert layer["neurons_carrying"] == {"0.5": 0.2, "0.8": 0.2, "0.9": 0.2, "0.99": 0.8}
+
+
+@pytest.mark.gpu
+def test_counts_on_cuda_equal_the_cpu_counts():
+    model, signs = known_model()
+    windows = random_windows(5, 6)
+    cpu, _ = profile(model, windows, batch_tokens=12, progress=False)
+    gpu, _ = profile(model.cuda(), windows, batch_tokens=12, progress=False)
+    for a, b in zip(cpu.counts, gpu.counts):
+        assert torch.equal(a, b.cpu())

@@ -1,3 +1,4 @@
+import dataclasses
 import math
 
 import pytest
@@ -6,19 +7,19 @@ import torch.nn.functional as F
 
 from powerinfer_py.model import Predictor
 from predictors.metrics import confusion_counts, confusion_rates
-from predictors.train import (GLOBAL_THRESHOLD, TrainConfig, bce_grad, calibrate_threshold, fold_thresholds, grow,
+from predictors.train import (GLOBAL_THRESHOLD, TrainConfig, bce_grad, calibrate_threshold, fold_thresholds,
                               heldout_split, initial_rank, train_layer)
 
 
-def planted_problem(n_tokens, seed, dim=24, n_ff=40, rank=6):
+def planted_problem(n_tokens, seed, dim=24, n_ff=40, rank=6, lean=0.5):
     """Masks made by a hidden predictor of PowerInfer's shape (active iff its logit > 0; fc2 leans negative so
-    about a quarter of the neurons are active, as in a ReLU model), inputs with uneven per-dimension scales like
-    a residual stream."""
+    that about a quarter of the neurons are active, as in a ReLU model, or half with lean=0), inputs with uneven
+    per-dimension scales like a residual stream."""
     g = torch.Generator().manual_seed(0)  # the same teacher for every draw
     teacher = Predictor(dim, rank, n_ff)
     with torch.no_grad():
         teacher.fc1.weight.copy_(torch.randn(rank, dim, generator=g))
-        teacher.fc2.weight.copy_(torch.randn(n_ff, rank, generator=g) - 0.5)
+        teacher.fc2.weight.copy_(torch.randn(n_ff, rank, generator=g) - lean)
     scales = torch.logspace(-1, 1.5, dim)
     inputs = torch.randn(n_tokens, dim, generator=torch.Generator().manual_seed(seed)) * scales
     with torch.no_grad():
@@ -39,6 +40,7 @@ def test_trained_predictor_reaches_its_recall_on_a_planted_problem(one_thread):
     cfg = TrainConfig(target_recall=0.95, min_rank=16, max_rank=16, epochs=15, batch_size=256, lr=1e-2)
     state, threshold, report = train_layer(inputs, masks, cfg)
     assert report["heldout"]["recall"] >= 0.95
+    assert threshold < 0  # kept negative so that it folds into the global threshold
     assert state["fc1.weight"].shape == (16, 24) and state["fc2.weight"].shape == (40, 16)
 
     # fresh tokens through the exported weights, which take the raw (unscaled) input
@@ -86,15 +88,6 @@ def test_folding_thresholds_is_exact():
     assert ((logits(layers[2]) >= 0.4) & ~(logits(folded[2]) >= GLOBAL_THRESHOLD)).sum() == 0
 
 
-def test_grow_keeps_the_function():
-    pred = Predictor(10, 4, 7)
-    wider = grow(pred, 12)
-    p = torch.randn(30, 10)
-    with torch.no_grad():
-        assert wider.fc1.weight.shape == (12, 10) and wider.fc2.weight.shape == (7, 12)
-        torch.testing.assert_close(wider.logits(p), pred.logits(p), rtol=0, atol=1e-6)
-
-
 def test_bce_grad_matches_autograd_of_weighted_bce():
     g = torch.Generator().manual_seed(4)
     logits = (3 * torch.randn(64, 30, generator=g, dtype=torch.float64)).requires_grad_()
@@ -112,6 +105,25 @@ def test_heldout_split_is_a_partition_of_interleaved_blocks():
     assert len(held) == 5 and len(train) == 45
 
 
-@pytest.mark.parametrize("fraction,rank", [(0.05, 32), (0.2, 64), (0.5, 128), (0.9, 128)])
-def test_initial_rank_follows_the_active_fraction(fraction, rank):
-    assert initial_rank(fraction, TrainConfig(min_rank=32, max_rank=128)) == rank
+def test_width_grows_until_the_predicted_active_fraction_is_acceptable(one_thread):
+    inputs, masks = planted_problem(6000, seed=1, rank=12, lean=0)  # half the neurons active: starts at 20
+    cfg = TrainConfig(min_rank=8, max_rank=32, rank_multiple=4, epochs=6, batch_size=256)
+    _, _, report = train_layer(inputs, masks, dataclasses.replace(cfg, max_active_ratio=10.0))
+    assert [s["rank"] for s in report["steps"]] == [20]  # acceptable at once: stays small
+    _, _, report = train_layer(inputs, masks, dataclasses.replace(cfg, max_active_ratio=1.0))
+    assert [s["rank"] for s in report["steps"]] == [20, 32] and report["rank"] == 32  # never acceptable: up to max
+    assert report["steps"][1]["active_ratio"] < report["steps"][0]["active_ratio"]
+
+
+@pytest.mark.parametrize("sparsity,rank", [(0.3, 64), (0.6, 96), (0.8, 120), (0.95, 120)])
+def test_initial_rank_follows_the_sparsity(sparsity, rank):
+    assert initial_rank(sparsity, TrainConfig(min_rank=32, max_rank=120, rank_multiple=8)) == rank
+
+
+@pytest.mark.gpu
+def test_training_on_cuda_reaches_its_recall():
+    inputs, masks = planted_problem(8000, seed=1)
+    cfg = TrainConfig(min_rank=16, max_rank=16, epochs=15, batch_size=256)
+    state, threshold, report = train_layer(inputs.cuda(), masks.cuda(), cfg)
+    assert report["heldout"]["recall"] >= 0.95 and report["heldout"]["active_ratio"] < 1.3
+    assert state["fc1.weight"].is_cuda
