@@ -12,27 +12,37 @@ import time
 import torch
 
 from powerinfer_py.eval import perplexity
-from powerinfer_py.formats import load_predictors
+from powerinfer_py.formats import load_activations, load_predictors
 from powerinfer_py.loader import install_predictors
 
 from .capture import FFNCapture, active_mask
 from .metrics import confusion_counts, confusion_rates
+from .profile import hot_neurons
+
+HOT_SHARE = 0.8
 
 
 def evaluate_predictors(model, tokenizer, documents: list[str], predictors: list[dict], threshold: float,
-                        window: int = 1024, active_threshold: float = 0.0, progress: bool = True) -> dict:
-    """Score PowerInfer-format predictors (per layer {'fc1.weight', 'fc2.weight'}) on `documents`."""
+                        window: int = 1024, active_threshold: float = 0.0, activations: list | None = None,
+                        progress: bool = True) -> dict:
+    """Score PowerInfer-format predictors (per layer {'fc1.weight', 'fc2.weight'}) on `documents`. With
+    `activations` (per-layer counts from a profile, PowerInfer's or ours), also report how much of these
+    documents' activity the profile's hot neurons carry (HOT_SHARE of the profiled activations)."""
     cfg = model.config
     install_predictors(model, predictors, threshold)
     preds = [layer.predictor for layer in model.layers]
     for layer in model.layers:
         layer.predictor = None
-    counts = [torch.zeros(4, dtype=torch.int64, device=model.tok_embeddings.weight.device) for _ in preds]
+    device = model.tok_embeddings.weight.device
+    counts = [torch.zeros(4, dtype=torch.int64, device=device) for _ in preds]
+    neuron_counts = [torch.zeros(cfg.n_ff, dtype=torch.int64, device=device) for _ in preds]
     last_input = {}
 
     @torch.inference_mode()
     def on_layer(i, p, act):
-        counts[i] += confusion_counts(preds[i](p), active_mask(act, active_threshold))
+        true = active_mask(act, active_threshold)
+        counts[i] += confusion_counts(preds[i](p), true)
+        neuron_counts[i] += true.reshape(-1, cfg.n_ff).sum(0)
         last_input[i] = p[:1, -1:]
 
     try:
@@ -53,6 +63,10 @@ def evaluate_predictors(model, tokenizer, documents: list[str], predictors: list
         layers.append({"layer": i, "rank": rank, **confusion_rates(c),
                        "param_share": rank * (cfg.dim + cfg.n_ff) / ffn_params,
                        "time_share": times["predictor"][i] / times["ffn"][i]})
+        if activations is not None:
+            hot, here = hot_neurons(activations[i], HOT_SHARE).to(device), neuron_counts[i]
+            layers[-1]["profiled_hot"] = {"neurons": len(hot) / cfg.n_ff,
+                                          "share_here": here[hot].sum().item() / max(here.sum().item(), 1)}
     recalls = [r["recall"] for r in layers]
     total = confusion_rates(sum(counts))
     return {
@@ -101,6 +115,10 @@ def format_table(result: dict) -> str:
     rows.append(f"mean recall {result['mean_recall']:.4f} (min {result['min_recall']:.4f}); predicted/true active "
                 f"{result['mean_active_ratio']:.3f}x per layer on average ({result['overall_active_ratio']:.3f}x overall); "
                 f"predictor params {result['param_share']:.2%} of FFN, time {result['time_share_of_forward']:.1%} of a forward")
+    if "profiled_hot" in result["layers"][0]:
+        hot = [r["profiled_hot"] for r in result["layers"]]
+        rows.append(f"profiled hot neurons ({sum(h['neurons'] for h in hot) / len(hot):.1%} of each layer, carrying "
+                    f"{HOT_SHARE:.0%} of the profiled activations) carry {sum(h['share_here'] for h in hot) / len(hot):.1%} here")
     rows.append(f"perplexity: dense {result['dense']['ppl']:.4f}, predicted sparsity {result['sparse']['ppl']:.4f} "
                 f"({result['ppl_increase']:+.2%}) over {result['dense']['tokens']} tokens")
     return "\n".join(rows)
@@ -110,8 +128,11 @@ def evaluate_cli(args, ckpt, model, documents) -> int:
     """`powerinfer-py eval --predictors DIR`: the per-layer table, then one JSON line with every number."""
     cfg = ckpt.config
     layers, threshold = load_predictors(args.predictors, cfg.n_layers, cfg.dim, cfg.n_ff)
+    activations = getattr(args, "activations", None)
+    if activations:
+        activations = load_activations(activations, cfg.n_layers, cfg.n_ff)
     result = evaluate_predictors(model, ckpt.tokenizer, documents, layers, threshold, window=args.window,
-                                 active_threshold=getattr(args, "fatrelu_threshold", 0.0))
+                                 active_threshold=getattr(args, "fatrelu_threshold", 0.0), activations=activations)
     print(format_table(result))
     print(json.dumps(result))
     return 0

@@ -34,19 +34,22 @@ def check_profilable(cfg, active_threshold: float) -> None:
             "pass --fatrelu-threshold T to count neurons with |activation| > T as active")
 
 
+def hot_neurons(counts: torch.Tensor, share: float) -> torch.Tensor:
+    """Indices of the fewest, hottest neurons that together carry `share` of all activations in `counts`."""
+    order = counts.double().cpu().sort(descending=True)
+    total = order.values.sum()
+    if total == 0:
+        return order.indices[:0]
+    n = int(torch.searchsorted(order.values.cumsum(0), share * total).item()) + 1
+    return order.indices[:n]
+
+
 def activation_stats(counts: list[torch.Tensor], tokens: int) -> list[dict]:
     """Per layer: sparsity (share of inactive neuron-token pairs) and, for each share q in SKEW_SHARES, the
     fraction of neurons (hottest first) that carries q of all activations: the skew the GPU split lives on."""
-    layers = []
-    for c in counts:
-        c = c.double().cpu()
-        total = c.sum().item()
-        cum = c.sort(descending=True).values.cumsum(0)
-        hot = {str(q): (int(torch.searchsorted(cum, q * total).item()) + 1) / c.numel() if total else 0.0
-               for q in SKEW_SHARES}
-        layers.append({"sparsity": 1 - total / (tokens * c.numel()) if tokens else float("nan"),
-                       "neurons_carrying": hot})
-    return layers
+    return [{"sparsity": 1 - c.sum().item() / (tokens * c.numel()) if tokens else float("nan"),
+             "neurons_carrying": {str(q): len(hot_neurons(c, q)) / c.numel() for q in SKEW_SHARES}}
+            for c in counts]
 
 
 class Profiler:

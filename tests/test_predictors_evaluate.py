@@ -37,27 +37,35 @@ def reference_counts(model, predictors, threshold):
         pred.load_state_dict(sd)
         preds.append(pred)
     counts = [torch.zeros(4, dtype=torch.int64) for _ in preds]
+    neuron_counts = [torch.zeros(48, dtype=torch.int64) for _ in preds]
     for doc in DOCS:
         tokens = torch.tensor([ByteTokenizer().encode(doc) + [2]])
         pos = torch.arange(tokens.shape[1])
         x, cos, sin, mask = model.embed(tokens, pos, use_cache=False)
         for i, block in enumerate(model.layers):
             h, x_ffn, _ = block.attend(x, cos, sin, pos, None, mask)
-            counts[i] += confusion_counts(preds[i](h), block.feed_forward.activation(x_ffn) != 0)
+            true = block.feed_forward.activation(x_ffn) != 0
+            counts[i] += confusion_counts(preds[i](h), true)
+            neuron_counts[i] += true.reshape(-1, 48).sum(0)
             x = block(x, cos, sin, pos, None, mask)
-    return counts
+    return counts, neuron_counts
 
 
 def test_per_layer_numbers_match_a_hand_stepped_reference():
     model, predictors = tiny_model(), random_predictors()
-    result = evaluate_predictors(model, ByteTokenizer(), DOCS, predictors, threshold=0.5, progress=False)
-    expected = reference_counts(model, predictors, 0.5)
-    for layer, c in zip(result["layers"], expected):
+    profiled = [torch.randperm(1000, generator=torch.Generator().manual_seed(i))[:48] for i in range(3)]  # no ties
+    result = evaluate_predictors(model, ByteTokenizer(), DOCS, predictors, threshold=0.5, activations=profiled,
+                                 progress=False)
+    expected, neuron_counts = reference_counts(model, predictors, 0.5)
+    for layer, c, here, prof in zip(result["layers"], expected, neuron_counts, profiled):
         rates = confusion_rates(c)
         for key in ("recall", "precision", "true_active", "predicted_active", "active_ratio"):
             assert abs(layer[key] - rates[key]) < 1e-12, key
         assert layer["rank"] == 8 and abs(layer["param_share"] - 8 * (32 + 48) / (3 * 32 * 48)) < 1e-12
         assert layer["time_share"] > 0
+        hot = prof.argsort(descending=True)[:round(layer["profiled_hot"]["neurons"] * 48)]
+        assert prof[hot].sum() >= 0.8 * prof.sum() > prof[hot[:-1]].sum()  # the fewest carrying 80%
+        assert abs(layer["profiled_hot"]["share_here"] - here[hot].sum().item() / here.sum().item()) < 1e-12
     assert all(layer.predictor is None for layer in model.layers)  # the model is left dense
     assert "perplexity: dense" in format_table(result)
 
