@@ -5,6 +5,7 @@ import json
 import pytest
 
 from powerinfer_py.cli import main
+from cli_errors import assert_one_line_error
 from tiny_models import write_hf_llama
 
 
@@ -13,14 +14,6 @@ def tiny_model(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny")
     write_hf_llama(str(folder))
     return str(folder)
-
-
-def assert_one_line_error(capsys, rc, *words):
-    err = capsys.readouterr().err.strip()
-    assert rc == 2
-    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
-    for w in words:
-        assert w in err, err
 
 
 def test_run_streams_text_and_reports_speed(tiny_model, capsys):

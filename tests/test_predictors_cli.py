@@ -8,6 +8,7 @@ import torch
 
 from powerinfer_py.cli import main
 from powerinfer_py.formats import load_activations, load_predictors
+from cli_errors import assert_one_line_error
 from tiny_models import TEXT, write_hf_llama, write_predictors
 
 
@@ -31,14 +32,6 @@ def profile_dir(tiny_model, text_file, tmp_path_factory):
     assert main(["profile", "-m", tiny_model, "--data", text_file, "-o", out, "--max-tokens", "3000",
                  "--window", "64", "--dump-dataset"]) == 0
     return out
-
-
-def assert_one_line_error(capsys, rc, *words):
-    err = capsys.readouterr().err.strip()
-    assert rc == 2
-    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
-    for w in words:
-        assert w in err, err
 
 
 def test_profile_writes_powerinfer_activation_files_and_stats(profile_dir):
