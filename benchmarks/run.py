@@ -14,7 +14,6 @@ same code on tiny shapes; without CUDA every system runs on the CPU and accelera
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import shutil
@@ -40,7 +39,12 @@ from powerinfer_py.errors import BudgetError, PowerInferError
 from powerinfer_py.eval import perplexity, read_documents
 from powerinfer_py.formats import load_activations, profiled_tokens
 from powerinfer_py.formats.gguf import encode, tensor_nbytes
-from powerinfer_py.loader import build_model, expected_shapes, install_predictors, load_checkpoint
+from powerinfer_py.loader import (
+    build_model,
+    expected_shapes,
+    install_predictors,
+    load_checkpoint,
+)
 from solver import format_bytes, parse_budget, vram_ledger
 
 Q4_0, F16, F32 = T.Q4_0, T.F16, T.F32
@@ -65,7 +69,7 @@ def _tiny(**kw) -> ModelConfig:
 
 PARTS = {
     "smollm2": Part("smollm2", "relu-smollm2-135m", None, ("ffn:75%", "ffn:50%", "ffn:25%")),
-    "7b": Part("7b", "llama2-7b", SHAPES["llama2-7b"], ("4GiB", "8GiB")),
+    "7b": Part("7b", "llama2-7b", SHAPES["llama2-7b"], ("4GiB", "8GiB", "ffn:67%")),  # ffn:67%: a third on the CPU
     "13b": Part("13b", "llama2-13b", SHAPES["llama2-13b"], ("8GiB", "14GiB")),
     "70b": Part("70b", "llama2-70b-q4_0", SHAPES["llama2-70b"], ("24GiB", "40GiB"), gpu_weight_type="q4_0"),
 }
@@ -88,6 +92,7 @@ class Suite:
         self.where = "GPU" if self.device == "cuda" else "CPU"
         self.deadline = time.monotonic() + args.deadline
         self.time_box = args.time_box or (2.0 if self.smoke else 20.0)
+        self.systems = set(args.systems.split(","))  # the baselines to run beside the bound and the hybrid engine
         self.machine = machine_info()
         self.log(f"measuring bandwidths on {self.machine.get('gpu', 'the CPU')} ...")
         self.bandwidths, self.bandwidth_figures = measure_bandwidths(64 << 20 if self.smoke else 1 << 30)
@@ -176,15 +181,17 @@ class Suite:
             trace = self.args.trace and part.key == "7b" and spec == part.budgets[-1]
             self.measure("hybrid", base, lambda: self.hybrid(part, ckpt, budget, predictors, threshold, masks,
                                                              prompt, ppl_docs, trace), 3 * self.time_box)
-            self.measure("layer_split", base, lambda: systems.layer_split(ckpt, budget, prompt, self.time_box,
-                                                                          self.device), 3 * self.time_box)
-            if self.device == "cuda":
+            if "layer_split" in self.systems:
+                self.measure("layer_split", base, lambda: systems.layer_split(ckpt, budget, prompt, self.time_box,
+                                                                              self.device), 3 * self.time_box)
+            if "accelerate" in self.systems and self.device == "cuda":
                 self.measure("accelerate", base, lambda: systems.accelerate_offload(ckpt, budget, prompt,
                                                                                     self.time_box), 3 * self.time_box)
-            else:
+            elif "accelerate" in self.systems:
                 self.add("accelerate", base, "skipped", "needs CUDA: accelerate offloads CPU weights to a GPU")
-        self.measure("dense", {"budget": None, "budget_label": f"none (whole model on the {self.where})"},
-                     lambda: systems.dense(ckpt, prompt, self.time_box, self.device), 2 * self.time_box)
+        if "dense" in self.systems:
+            self.measure("dense", {"budget": None, "budget_label": f"none (whole model on the {self.where})"},
+                         lambda: systems.dense(ckpt, prompt, self.time_box, self.device), 2 * self.time_box)
 
     def hybrid(self, part, ckpt, budget, predictors, threshold, masks, prompt, ppl_docs, trace) -> dict:
         def before_timing(model):
@@ -429,6 +436,8 @@ def main(argv=None) -> int:
     ap.add_argument("--deadline", type=float, default=540, help="seconds for the whole run; later systems are skipped")
     ap.add_argument("--time-box", type=float, default=None, help="seconds of timed generation per system (default 20)")
     ap.add_argument("--trace", action="store_true", help="profile one hybrid decode step of the 7b part")
+    ap.add_argument("--systems", default="layer_split,accelerate,dense",
+                    help="baselines run beside the bound and the hybrid engine (comma-separated)")
     ap.add_argument("--regenerate", action="store_true", help="write the synthetic models again even if present")
     ap.add_argument("--smollm2", default=None, help="relu-smollm2-135m Hugging Face folder")
     ap.add_argument("--smollm2-predictors", default=None, help="its predictor folder (default: trained in the run)")

@@ -1,82 +1,90 @@
 """One decode step of the hybrid engine under torch.profiler: a chrome trace (open it in Perfetto or
-chrome://tracing) and, per layer, how the CPU's cold-row compute overlaps the GPU's hot-row kernels.
+chrome://tracing) and, per split layer, how the CPU's cold-row compute overlaps the GPU's hot-row kernels.
 
-In a hybrid layer the host records an event once x and the mask are on their way to pinned memory, the hot
-rows' kernels (or their CUDA graph) are launched, and the CPU computes the cold rows (hybrid.py). The hot
-kernels of a layer are therefore the ones launched between the last event record and the start of its cold
-range; the trace's correlation ids tie each kernel to its launch."""
+A decode step is one graph replay plus one host call that computes every layer's cold rows (kernels/handoff.py).
+Per layer the GPU runs `send_to_host` (input and mask to pinned memory), the hot rows' kernels, then
+`add_from_host`, which waits on the GPU for the CPU and adds its result; the host call records when it saw each
+layer's input and when it published the output (kernels.cpu.ColdStep.times, on the clock of time.perf_counter).
+Those host spans are put into the trace as `hybrid.cold_rows` events, aligned by the profiler range around the
+host call."""
 from __future__ import annotations
 
-import contextlib
 import json
+import time
 
 import torch
 
-from powerinfer_py import hybrid
 from powerinfer_py.generate import Generator
 
 COLD_RANGE = "hybrid.cold_rows"
-
-
-@contextlib.contextmanager
-def cold_row_ranges():
-    """Label every CPU cold-row computation (hybrid.py's sparse_ffn on CPU rows) with a profiler range."""
-    original = hybrid.sparse_ffn
-
-    def labelled(x, rows, *args, **kwargs):
-        if rows.device.type != "cpu":
-            return original(x, rows, *args, **kwargs)
-        with torch.profiler.record_function(COLD_RANGE):
-            return original(x, rows, *args, **kwargs)
-
-    hybrid.sparse_ffn = labelled
-    try:
-        yield
-    finally:
-        hybrid.sparse_ffn = original
+STEP_RANGE = "hybrid.cold_step"
 
 
 def trace_decode_step(model, prompt: list[int], ctx: int, path: str) -> dict:
-    """Profile one decode step (after a warm-up that captures its graphs), write the chrome trace to `path`
-    and return the per-layer overlap summary."""
+    """Profile one decode step (after a warm-up that captures its graph), write the chrome trace with the CPU's
+    cold-row spans to `path` and return the per-layer overlap summary."""
+    handoff = getattr(model, "handoff", None)
     gen = Generator(model, ctx)
     tokens, _ = gen.generate(prompt, 2)
+    entered = []
+    if handoff is not None:
+        run_cpu = handoff.run_cpu
+
+        def labelled_run_cpu():
+            with torch.profiler.record_function(STEP_RANGE):
+                entered.append(time.perf_counter())
+                run_cpu()
+
+        handoff.run_cpu = labelled_run_cpu
     activities = [torch.profiler.ProfilerActivity.CPU]
     if torch.cuda.is_available():
         activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.inference_mode(), cold_row_ranges(), torch.profiler.profile(activities=activities) as prof:
-        gen.decode(tokens[-1], len(prompt) + len(tokens) - 1)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+    try:
+        with torch.inference_mode(), torch.profiler.profile(activities=activities) as prof:
+            gen.decode(tokens[-1], len(prompt) + len(tokens) - 1)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+    finally:
+        if handoff is not None:
+            del handoff.run_cpu  # the bound method again
     prof.export_chrome_trace(path)
+    if handoff is None:  # all on one device: nothing to overlap
+        return {"layers": [], "note": "no layer is split between GPU and CPU"}
     with open(path) as f:
-        return overlap_summary(json.load(f)["traceEvents"])
+        trace = json.load(f)
+    events = trace["traceEvents"]
+    step = next(e for e in events if e.get("name") == STEP_RANGE and e.get("ph") == "X")
+    offset_us = step["ts"] - entered[0] * 1e6
+    for t0, t1 in handoff.cold_step.times.tolist():
+        events.append({"name": COLD_RANGE, "ph": "X", "cat": "user_annotation", "pid": step["pid"],
+                       "tid": step["tid"], "ts": t0 * 1e6 + offset_us, "dur": (t1 - t0) * 1e6})
+    with open(path, "w") as f:
+        json.dump(trace, f)
+    return overlap_summary(events)
 
 
 def overlap_summary(events: list[dict]) -> dict:
-    """Per layer (one cold range each): CPU cold-row time, GPU hot-kernel busy time and span, and the time
-    both ran at once, in microseconds; totals over the step."""
+    """Per split layer, in microseconds: CPU cold-row time, GPU hot-kernel busy time and span (the kernels
+    between the layer's send_to_host and add_from_host), the time both ran at once, how long the GPU waited in
+    add_from_host, and the GPU-only time from there to the next layer's send (attention, predictor)."""
     spans = [e for e in events if e.get("ph") == "X"]
     cold = sorted((e["ts"], e["ts"] + e["dur"]) for e in spans if e.get("name") == COLD_RANGE)
-    kernels = {}  # correlation id -> (start, end) of the kernels it launched
-    for e in spans:
-        if e.get("cat") == "kernel" and "correlation" in e.get("args", {}):
-            kernels.setdefault(e["args"]["correlation"], []).append((e["ts"], e["ts"] + e["dur"]))
-    api = sorted((e["ts"], e["name"], e["args"]["correlation"]) for e in spans
-                 if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {}))
+    kernels = sorted((e["ts"], e["ts"] + e["dur"], e["name"]) for e in spans if e.get("cat") == "kernel")
+    sends = [k for k in kernels if k[2] == "send_to_host"]
+    adds = [k for k in kernels if k[2] == "add_from_host"]
     layers = []
-    for c0, c1 in cold:
-        records = [ts for ts, name, _ in api if ts < c0 and "EventRecord" in name]
-        launched = [k for ts, _, corr in api if records and records[-1] < ts < c0 for k in kernels.get(corr, [])]
-        layer = {"cpu_cold_us": c1 - c0, "gpu_hot_us": None, "gpu_hot_span_us": None, "overlap_us": None}
-        if launched:
-            g0, g1 = min(k[0] for k in launched), max(k[1] for k in launched)
-            layer.update(gpu_hot_us=sum(k[1] - k[0] for k in launched), gpu_hot_span_us=g1 - g0,
-                         overlap_us=max(0.0, min(c1, g1) - max(c0, g0)))
+    for i, ((c0, c1), send, add) in enumerate(zip(cold, sends, adds)):
+        hot = [k for k in kernels if send[1] <= k[0] and k[1] <= add[0]]
+        layer = {"cpu_cold_us": c1 - c0, "gpu_hot_us": sum(k[1] - k[0] for k in hot), "gpu_hot_span_us": 0.0,
+                 "overlap_us": 0.0, "gpu_wait_us": add[1] - add[0],
+                 "gpu_only_us": sends[i + 1][0] - add[1] if i + 1 < len(sends) else None}
+        if hot:
+            g0, g1 = hot[0][0], max(k[1] for k in hot)
+            layer.update(gpu_hot_span_us=g1 - g0, overlap_us=max(0.0, min(c1, g1) - max(c0, g0)))
         layers.append(layer)
-    total = {key: sum(layer[key] or 0.0 for layer in layers)
-             for key in ("cpu_cold_us", "gpu_hot_us", "gpu_hot_span_us", "overlap_us")}
-    both = sum(min(layer["cpu_cold_us"], layer["gpu_hot_span_us"]) for layer in layers if layer["gpu_hot_span_us"])
-    step = [e["ts"] for e in spans] + [e["ts"] + e["dur"] for e in spans]
-    return {"layers": layers, "total": total, "step_us": max(step) - min(step) if step else 0.0,
+    keys = ("cpu_cold_us", "gpu_hot_us", "gpu_hot_span_us", "overlap_us", "gpu_wait_us", "gpu_only_us")
+    total = {key: sum(layer[key] or 0.0 for layer in layers) for key in keys}
+    both = sum(min(layer["cpu_cold_us"], layer["gpu_hot_span_us"]) for layer in layers)
+    gpu = [k[0] for k in kernels] + [k[1] for k in kernels]
+    return {"layers": layers, "total": total, "step_us": max(gpu) - min(gpu) if gpu else 0.0,
             "overlap_share": total["overlap_us"] / both if both else None}

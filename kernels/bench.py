@@ -247,7 +247,7 @@ def torch_path():
         backend.lib = lib
 
 
-def cpu_bench(records, flush_bytes, shapes, compare):
+def cpu_bench(records, flush_bytes, shapes, compare, weight_types=None):
     """The CPU backend per weight type (f32 only unless compare) and density; with compare also the candidates
     that lost (numba, int8 rows through _weight_int8pack_mm) and a token sweep against the torch path."""
     threads = torch.get_num_threads()
@@ -256,7 +256,7 @@ def cpu_bench(records, flush_bytes, shapes, compare):
         timer = CpuTimer(flush_bytes, 3 * n_ff * d * 4)
         x = torch.randn(1, d)
         masks = {density: [random_mask(1, n_ff, density) for _ in range(5)] for density in DENSITIES}
-        for weight_type in CPU_WEIGHT_TYPES if compare else ("f32",):
+        for weight_type in weight_types or (CPU_WEIGHT_TYPES if compare else ("f32",)):
             rows = random_rows(d, n_ff, weight_type, "cpu")
             row_bytes = rows.gate.stride(0) * rows.gate.element_size()
             if weight_type == "f32":
@@ -380,6 +380,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cpu-only", action="store_true")
     parser.add_argument("--cpu-shapes", default="7B,70B")
+    parser.add_argument("--cpu-weight-types", default=None, help="comma-separated (default: f32, or all with "
+                        "--cpu-compare)")
     parser.add_argument("--cpu-compare", action="store_true",
                         help="every weight type on the CPU, the candidate kernels that lost, a CPU token sweep")
     parser.add_argument("--flush-mib", type=int, default=640, help="bytes read between CPU calls (over the L3)")
@@ -393,7 +395,8 @@ def main(argv=None):
         gpu_bench(timer, meta["copy_GBs"] * 1e9, records)
         token_sweep(timer, records)
         down_split_sweep(timer, records)
-    cpu_bench(records, args.flush_mib << 20, args.cpu_shapes.split(","), args.cpu_compare)
+    cpu_bench(records, args.flush_mib << 20, args.cpu_shapes.split(","), args.cpu_compare,
+              args.cpu_weight_types and args.cpu_weight_types.split(","))
     print(json.dumps(meta))
     print_table(records)
     if args.json:

@@ -34,6 +34,7 @@ DENSE_FRACTION = 0.35  # from this share of needed rows on, the torch path multi
 SOURCE = Path(__file__).with_name("cpu_rows.c")
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 WEIGHT_CODES = {"f32": 0, "f16": 1, "bf16": 2, "q8_0": 3, "q4_0": 4}
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # of x and y (the same codes)
 ACT_CODES = {"relu": 0, "drelu": 1, "silu": 2}
 
 
@@ -68,8 +69,46 @@ def native_library() -> ctypes.CDLL | None:
     i32, i64, f32, ptr = ctypes.c_int, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
     lib.gate_up.argtypes = [ptr, ptr, i64, i32, ptr, i64, ptr, i64, ptr, i32, i32, i32, f32, ptr, i32, i32]
     lib.down.argtypes = [ptr, i64, i32, i64, i32, ptr, i32, ptr, i32]
-    lib.gate_up.restype = lib.down.restype = None
+    lib.ffn.argtypes = [ptr, ptr, ptr, i64, i32, ptr, i64, ptr, i64, ptr, i32, i32, i32, f32, ptr, i32, i32]
+    lib.cold_step.argtypes = [ctypes.POINTER(RowsDesc), i32, i32, i64, i32, i32, f32, ptr, i32, ptr, ptr, ptr, ptr,
+                              i32, ctypes.c_double, ptr, i32]
+    lib.gate_up.restype = lib.down.restype = lib.ffn.restype = None
+    lib.cold_step.restype = i32
     return lib
+
+
+class RowsDesc(ctypes.Structure):
+    """rows_desc of cpu_rows.c: one layer's packed rows, by address."""
+    _fields_ = [("gate", ctypes.c_void_p), ("up", ctypes.c_void_p), ("down", ctypes.c_void_p),
+                ("row_bytes", ctypes.c_int64), ("neuron_idx", ctypes.c_void_p), ("m", ctypes.c_int64)]
+
+    @classmethod
+    def of(cls, rows: FFNRows) -> RowsDesc:
+        return cls(rows.gate.data_ptr(), rows.up.data_ptr(), rows.down_t.data_ptr(), _row_bytes(rows.gate),
+                   rows.neuron_idx.data_ptr(), rows.m)
+
+
+class ColdStep:
+    """The CPU half of a decode step over several layers' cold rows (cold_step in cpu_rows.c): layer by layer,
+    wait for the input flag in `ready[0]`, compute into y_host, raise the output flag in `ready[1]`. The
+    host buffers and flags are CPU tensors (pinned when a GPU writes them); the rows must outlive this object."""
+
+    def __init__(self, layers: list[FFNRows], act: str, threshold: float, x_host, active_host, y_host, ready):
+        self.lib = native_library()
+        if self.lib is None:
+            raise RuntimeError("kernels: the CPU half of the hand-off needs the C kernels (no C compiler found)")
+        if len({rows.weight_type for rows in layers}) != 1 or ready.shape != (2, len(layers)):
+            raise ValueError("layers: expected one weight type, and ready of shape (2, layers)")
+        self.descs = (RowsDesc * len(layers))(*[RowsDesc.of(rows) for rows in layers])
+        self.layers, self.buffers = layers, (x_host, active_host, y_host, ready)
+        self.times = torch.zeros((len(layers), 2), dtype=torch.float64)  # when each layer's input came, output left
+        self.args = (self.descs, len(layers), WEIGHT_CODES[layers[0].weight_type], active_host.shape[-1],
+                     layers[0].d, ACT_CODES[act], threshold, x_host.data_ptr(), DTYPE_CODES[x_host.dtype],
+                     active_host.data_ptr(), y_host.data_ptr(), ready[0].data_ptr(), ready[1].data_ptr())
+
+    def __call__(self, epoch: int, timeout_s: float) -> bool:
+        """Runs the step whose flags carry `epoch`; False if an input flag did not come within timeout_s."""
+        return self.lib.cold_step(*self.args, epoch, timeout_s, self.times.data_ptr(), torch.get_num_threads()) == 0
 
 
 def _row_bytes(t: torch.Tensor) -> int:
@@ -97,6 +136,19 @@ class CpuBackend:
                          WEIGHT_CODES[rows.weight_type], rows.neuron_idx.data_ptr(), rows.m, active.data_ptr(),
                          active.shape[1], xf.data_ptr(), rows.d, T, ACT_CODES[act], threshold, h.data_ptr(),
                          int(full), _threads(rows.gate))
+
+    def ffn(self, x, rows: FFNRows, active, act, threshold, y):
+        """y = the rows' FFN output: one pass over each needed row (C kernels), or gate_up then down."""
+        T = x.shape[0]
+        if self.lib is None or T > NATIVE_MAX_TOKENS:
+            h = torch.empty((T, rows.m))
+            self.gate_up(x, rows, active, act, threshold, h, False)
+            return self.down(h, rows, y)
+        xf, active = x.float().contiguous(), active.contiguous()
+        self.lib.ffn(rows.gate.data_ptr(), rows.up.data_ptr(), rows.down_t.data_ptr(), _row_bytes(rows.gate),
+                     WEIGHT_CODES[rows.weight_type], rows.neuron_idx.data_ptr(), rows.m, active.data_ptr(),
+                     active.shape[1], xf.data_ptr(), rows.d, T, ACT_CODES[act], threshold, y.data_ptr(),
+                     DTYPE_CODES[y.dtype], _threads(rows.gate))
 
     def down(self, h, rows: FFNRows, y):
         T = h.shape[0]

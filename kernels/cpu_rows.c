@@ -2,17 +2,22 @@
 // convert to fp32 in registers: no gathered copy of the rows is ever made. kernels/cpu.py builds this file
 // with the system C compiler (-O3 -march=native -fopenmp) and calls it through ctypes.
 //
-// Both kernels first list the rows some token needs (every thread scans a slice of the rows), then split that
-// list evenly over the threads: each thread streams whole rows, and the result does not depend on how fast
-// each thread runs (sums are fp32 in a fixed order for a given thread count).
+// Every kernel first lists the rows some token needs (every thread scans a slice of the rows), then splits
+// that list evenly over the threads: each thread streams whole rows, and the result does not depend on how
+// fast each thread runs (sums are fp32 in a fixed order for a given thread count).
+//
+// gate_up and down are the two halves of the sparse FFN; ffn does both in one pass over each row (gate, up,
+// and the down row only where the activation is nonzero); cold_step runs ffn for every split layer of a decode
+// step, each as soon as the GPU says that layer's input is ready (kernels/handoff.py).
 #include <math.h>
 #include <omp.h>
-#if defined(__F16C__)
+#if defined(__F16C__) || defined(__SSE2__)
 #include <immintrin.h>
 #endif
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 enum { F32 = 0, F16 = 1, BF16 = 2, Q8_0 = 3, Q4_0 = 4 };
 enum { RELU = 0, DRELU = 1, SILU = 2 };
@@ -236,4 +241,215 @@ void down(const uint8_t* down_rows, int64_t row_bytes, int wt, int64_t m, int d,
   }
   free(partial);
   free(scan);
+}
+
+// Byte offset of element c (a multiple of 32 for the quantized types) in a packed row.
+static int64_t element_offset(int wt, int64_t c) {
+  switch (wt) {
+    case F32: return 4 * c;
+    case F16: case BF16: return 2 * c;
+    case Q8_0: return c / 32 * 34;
+    default: return c / 32 * 18;
+  }
+}
+
+static void prefetch(const uint8_t* p, int64_t bytes) {
+  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(p + b, 0, 0);
+}
+
+// Model-dtype vectors (F32, F16 or BF16) to and from fp32.
+static void to_float(const void* src, int type, int64_t n, float* dst) {
+  for (int64_t c = 0; c < n; c += CHUNK) {
+    const int len = n - c < CHUNK ? n - c : CHUNK;
+    const float* v = decode((const uint8_t*)src, type, c, len, dst + c);
+    if (v != dst + c) memcpy(dst + c, v, len * sizeof(float));  // f32: decode points into the source
+  }
+}
+
+static void from_float(const float* src, int64_t n, int type, void* dst) {
+  for (int64_t i = 0; i < n; ++i) {
+    if (type == F32) {
+      ((float*)dst)[i] = src[i];
+    } else if (type == F16) {
+      ((_Float16*)dst)[i] = (_Float16)src[i];
+    } else {  // bf16, round to nearest even (values here are finite)
+      uint32_t bits;
+      memcpy(&bits, src + i, 4);
+      ((uint16_t*)dst)[i] = (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+    }
+  }
+}
+
+// One layer's rows as ffn reads them: gate, up and down_t share row_bytes; row j is neuron neuron_idx[j].
+typedef struct {
+  const uint8_t* gate;
+  const uint8_t* up;
+  const uint8_t* down;
+  int64_t row_bytes;
+  const int64_t* neuron_idx;
+  int64_t m;
+} rows_desc;
+
+typedef struct {
+  const int64_t* neuron_idx;
+  const uint8_t* active;
+  int64_t n_ff;
+  int T;
+} active_ctx;
+
+static int row_active(const void* p, int64_t j) {
+  const active_ctx* c = p;
+  const int64_t n = c->neuron_idx[j];
+  int any = 0;
+  for (int t = 0; t < c->T; ++t) any |= c->active[t * c->n_ff + n];
+  return any;
+}
+
+// acc (T, d) += activation(gate_j . x, up_j . x) * down_j for the tokens with neuron_idx[j] active; the down row
+// is read only when some activation is nonzero. Prefetches the gate and up rows of `next` (NULL: none) as it goes.
+static void row_ffn(const rows_desc* r, int wt, int64_t j, const uint8_t* next_gate, const uint8_t* next_up,
+                    const uint8_t* active, int64_t n_ff, const float* x, int d, int T, int act, float threshold,
+                    float* acc) {
+  const uint8_t* grow = r->gate + j * r->row_bytes;
+  const uint8_t* urow = r->up + j * r->row_bytes;
+  const int64_t n = r->neuron_idx[j];
+  float g[MAX_TOKENS] = {0}, u[MAX_TOKENS] = {0}, a[MAX_TOKENS];
+  float gbuf[CHUNK], ubuf[CHUNK];
+  for (int c = 0; c < d; c += CHUNK) {
+    const int len = d - c < CHUNK ? d - c : CHUNK;
+    if (next_gate) {
+      const int64_t b0 = element_offset(wt, c), b1 = element_offset(wt, c + len);
+      prefetch(next_gate + b0, b1 - b0);
+      prefetch(next_up + b0, b1 - b0);
+    }
+    const float* gv = decode(grow, wt, c, len, gbuf);
+    const float* uv = decode(urow, wt, c, len, ubuf);
+    for (int t = 0; t < T; ++t) dot2(gv, uv, x + (int64_t)t * d + c, len, g + t, u + t);
+  }
+  int any = 0;
+  for (int t = 0; t < T; ++t) {
+    a[t] = active[t * n_ff + n] ? activation(g[t], u[t], act, threshold) : 0.0f;
+    any |= a[t] != 0.0f;
+  }
+  if (!any) return;
+  const uint8_t* drow = r->down + j * r->row_bytes;
+  for (int c = 0; c < d; c += CHUNK) {
+    const int len = d - c < CHUNK ? d - c : CHUNK;
+    const float* v = decode(drow, wt, c, len, gbuf);
+    for (int t = 0; t < T; ++t) {
+      if (a[t] == 0.0f) continue;
+      float* out = acc + (int64_t)t * d + c;
+#pragma omp simd
+      for (int k = 0; k < len; ++k) out[k] += a[t] * v[k];
+    }
+  }
+}
+
+// Scratch of ffn_region: scan (2 m int32: the row list), counts (a slot per thread), partial (threads x T x d).
+typedef struct {
+  int32_t* scan;
+  int64_t* counts;
+  float* partial;
+} scratch;
+
+// Inside a parallel region: y (T, d), of type y_type, = the rows' FFN output for the active neurons (x fp32).
+// Ends with a barrier, so the scratch can be reused at once.
+static void ffn_region(const rows_desc* r, int wt, const uint8_t* active, int64_t n_ff, const float* x, int d,
+                       int T, int act, float threshold, const scratch* s, void* y, int y_type) {
+  const active_ctx ctx = {r->neuron_idx, active, n_ff, T};
+  const row_list list = list_rows(row_active, &ctx, r->m, s->scan, s->counts);
+  const int tid = omp_get_thread_num(), nt = list.nt;
+  int32_t* joined = s->scan + r->m;
+  int64_t i0, i1;
+  my_share(&list, joined, &i0, &i1);
+  float* acc = s->partial + (size_t)tid * T * d;
+  memset(acc, 0, (size_t)T * d * sizeof(float));
+  for (int64_t i = i0; i < i1; ++i) {
+    const uint8_t* next_gate = i + 1 < i1 ? r->gate + joined[i + 1] * r->row_bytes : NULL;
+    const uint8_t* next_up = i + 1 < i1 ? r->up + joined[i + 1] * r->row_bytes : NULL;
+    row_ffn(r, wt, joined[i], next_gate, next_up, active, n_ff, x, d, T, act, threshold, acc);
+  }
+#pragma omp barrier
+  const int64_t total = (int64_t)T * d, k0 = total * tid / nt, k1 = total * (tid + 1) / nt;
+  float sums[CHUNK];
+  for (int64_t k = k0; k < k1; k += CHUNK) {
+    const int len = k1 - k < CHUNK ? k1 - k : CHUNK;
+    for (int i = 0; i < len; ++i) {
+      float v = 0.0f;
+      for (int p = 0; p < nt; ++p) v += s->partial[(size_t)p * total + k + i];
+      sums[i] = v;
+    }
+    from_float(sums, len, y_type, (uint8_t*)y + element_offset(y_type, k));
+  }
+#pragma omp barrier
+}
+
+static scratch new_scratch(int64_t m, int n_threads, int T, int d) {
+  scratch s = {malloc(2 * (m ? m : 1) * sizeof(int32_t)), malloc(n_threads * sizeof(int64_t)),
+               malloc((size_t)n_threads * T * d * sizeof(float))};
+  return s;
+}
+
+static void free_scratch(scratch* s) {
+  free(s->scan);
+  free(s->counts);
+  free(s->partial);
+}
+
+// y (T, d) of type y_type = sum over active neurons of activation * down row; x (T, d) fp32.
+void ffn(const uint8_t* gate, const uint8_t* up, const uint8_t* down, int64_t row_bytes, int wt,
+         const int64_t* neuron_idx, int64_t m, const uint8_t* active, int64_t n_ff, const float* x, int d, int T,
+         int act, float threshold, void* y, int y_type, int n_threads) {
+  const rows_desc r = {gate, up, down, row_bytes, neuron_idx, m};
+  scratch s = new_scratch(m, n_threads, T, d);
+#pragma omp parallel num_threads(n_threads)
+  ffn_region(&r, wt, active, n_ff, x, d, T, act, threshold, &s, y, y_type);
+  free_scratch(&s);
+}
+
+static double now(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);  // the clock of Python's time.perf_counter and of torch's profiler
+  return ts.tv_sec + 1e-9 * ts.tv_nsec;
+}
+
+// The CPU half of one decode step (one token). For each split layer l in order: wait until the GPU has written
+// x_host (d, type x_type) and active_host (n_ff bytes) and set x_ready[l] = epoch, compute the layer's cold rows
+// into y_host (same type), then set y_ready[l] = epoch (the GPU waits for it). times[2 l], times[2 l + 1]: when
+// the input was seen and the output published. Returns 0, or -1 if the GPU did not signal within timeout_s.
+int cold_step(const rows_desc* layers, int n_layers, int wt, int64_t n_ff, int d, int act, float threshold,
+              const void* x_host, int x_type, const uint8_t* active_host, void* y_host,
+              volatile int32_t* x_ready, volatile int32_t* y_ready, int32_t epoch, double timeout_s,
+              double* times, int n_threads) {
+  int64_t max_m = 1;
+  for (int l = 0; l < n_layers; ++l) max_m = layers[l].m > max_m ? layers[l].m : max_m;
+  scratch s = new_scratch(max_m, n_threads, 1, d);
+  float* x = malloc(d * sizeof(float));
+  volatile int timed_out = 0;
+#pragma omp parallel num_threads(n_threads)
+  {
+    const int tid = omp_get_thread_num();
+    for (int l = 0; l < n_layers; ++l) {
+      const double t0 = now();
+      for (int spins = 0; x_ready[l] != epoch && !timed_out; ++spins) {
+        _mm_pause();
+        if (tid == 0 && (spins & 1023) == 0 && now() - t0 > timeout_s) timed_out = 1;
+      }
+      __atomic_thread_fence(__ATOMIC_ACQUIRE);
+      if (tid == 0) {
+        times[2 * l] = now();
+        to_float(x_host, x_type, d, x);
+      }
+#pragma omp barrier
+      if (timed_out) break;  // every thread sees the same value after the barrier
+      ffn_region(layers + l, wt, active_host, n_ff, x, d, 1, act, threshold, &s, y_host, x_type);
+      if (tid == 0) {
+        __atomic_store_n(&y_ready[l], epoch, __ATOMIC_RELEASE);
+        times[2 * l + 1] = now();
+      }
+    }
+  }
+  free(x);
+  free_scratch(&s);
+  return timed_out ? -1 : 0;
 }

@@ -119,5 +119,11 @@ def sparse_ffn(x, rows: FFNRows, active, act="relu", threshold=0.0, out=None):
     _check_inputs(x, rows, active, act)
     if out is not None:
         _check_out(out, tuple(x.shape), X_DTYPES, rows.device)
-    h = sparse_gate_up(x, rows, active, act, threshold)
-    return sparse_down(h, rows, out if out is not None else torch.empty_like(x))
+    out = out if out is not None else x.new_empty(x.shape)
+    backend = get_backend(rows.device.type)
+    if rows.m == 0 or x.shape[0] == 0:
+        return out.zero_()
+    if hasattr(backend, "ffn"):  # one pass over each row
+        backend.ffn(x, rows, active, act, float(threshold), out)
+        return out
+    return sparse_down(sparse_gate_up(x, rows, active, act, threshold), rows, out)

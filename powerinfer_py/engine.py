@@ -15,12 +15,18 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from solver.ledger import parse_budget, vram_ledger
+from solver.ledger import format_bytes, parse_budget, vram_ledger
 from solver.placement import PlacementProblem, solve_placement
-from solver.ledger import format_bytes
 
 from .errors import BudgetError, InputError, PowerInferError
-from .formats import default_gpuidx_path, load_activations, load_predictors, profiled_tokens, read_gpuidx, write_gpuidx
+from .formats import (
+    default_gpuidx_path,
+    load_activations,
+    load_predictors,
+    profiled_tokens,
+    read_gpuidx,
+    write_gpuidx,
+)
 from .hybrid import HostBuffers, HybridCounters, HybridFeedForward, split_rows
 from .loader import Checkpoint, build_model, install_predictors
 from .model import FeedForward
@@ -163,6 +169,15 @@ def install_hybrid_ffns(model, ckpt: Checkpoint, gpu_masks, device, gpu_weight_t
                                         device, gpu_weight_type)
         layer.feed_forward = HybridFeedForward(gpu_rows, cpu_rows, cfg.n_ff, cfg.ffn_act, cfg.ffn_threshold,
                                                device, host, counters)
+    split = [layer.feed_forward for layer in model.layers if layer.feed_forward.splits]
+    model.handoff = None
+    if split:
+        from kernels.handoff import Handoff
+
+        model.handoff = Handoff([ff.cpu_rows for ff in split], cfg.dim, cfg.n_ff, host.dtype, cfg.ffn_act,
+                                cfg.ffn_threshold, device, counters.add_cpu_seconds)
+        for slot, ff in enumerate(split):
+            ff.handoff, ff.slot = model.handoff, slot
 
 
 def decode_tps(model, tokens: int = 32) -> float:

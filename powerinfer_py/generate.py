@@ -3,15 +3,14 @@ one graph per power-of-two bucket of attended cache length, masked), so a token 
 instead of hundreds of launches."""
 from __future__ import annotations
 
-import time
 import contextlib
+import time
 from dataclasses import dataclass, field
 
 import torch
 
 from .errors import InputError
 from .sampling import Sampler, SamplingParams
-
 
 PREFILL_CHUNK = 512  # prompt tokens per forward; the VRAM ledger charges the activations of one chunk
 
@@ -140,80 +139,30 @@ class Generator:
 
 
 def capture_decode(model, token, pos, kv_len: int, pool):
-    """CUDA graphs for one decode step; returns replay() -> logits. A dense model is one graph. In a hybrid
-    model each FFN that splits between GPU and CPU cuts the step: graph (attention ... copies to the host),
-    event, graph (hot rows), CPU cold rows, graph (add the cold result ... next layer), and so on.
+    """A CUDA graph of one decode step; returns replay() -> logits. In a hybrid model the split FFNs hand off
+    through the model's kernels.Handoff (the GPU waits for the CPU on the GPU), so the step is still one graph,
+    and replay() runs the CPU half of the step while the graph runs.
     `token` and `pos` are the static inputs and must hold the step about to run: the warm-up runs that very
     step, so what it writes into the KV cache is what the replay writes."""
-    state = {}
+    handoff = getattr(model, "handoff", None)
 
-    def start():
-        state["x"], state["cos"], state["sin"], state["mask"] = model.embed(token, pos, kv_len)
-
-    def attend(block):
-        def run():
-            state["h"], state["x_ffn"], state["active"] = block.attend(state["x"], state["cos"], state["sin"], pos,
-                                                                       kv_len, state["mask"])
-        return run
-
-    def ffn(block):
-        def run():
-            state["x"] = state["h"] + block.feed_forward(state["x_ffn"], state["active"])
-        return run
-
-    def send(ff):
-        def run():
-            state["x_ffn"], state["active"] = ff.prepare(state["x_ffn"], state["active"])
-            ff.send(state["x_ffn"], state["active"])
-        return run
-
-    def gpu_part(ff):
-        def run():
-            state["y_hot"] = ff.gpu_part(state["x_ffn"], state["active"])
-        return run
-
-    def receive(ff):
-        def run():
-            state["x"] = state["h"] + ff.receive(state["y_hot"]).view_as(state["h"])
-        return run
-
-    def head():
-        state["logits"] = model.head(state["x"])
-
-    # segments of GPU work; after each, the host records an event or runs an FFN's CPU part
-    plan, current = [], [start]
-    for block in model.layers:
-        current.append(attend(block))
-        ff = block.feed_forward
-        if getattr(ff, "splits", False):
-            plan += [(current + [send(ff)], ff.copied.record), ([gpu_part(ff)], lambda ff=ff: ff.cpu_part(1))]
-            current = [receive(ff)]
-        else:
-            current.append(ffn(block))
-    plan.append((current + [head], None))
-
-    def run(segment, host_step):
-        for fn in segment:
-            fn()
-        if host_step is not None:
-            host_step()
+    def step():
+        if handoff is not None:
+            handoff.begin_step()
+        return model(token, pos, kv_len=kv_len)
 
     stream = torch.cuda.current_stream()  # the Generator's own side stream: warm-up and capture both run on it
-    for segment, host_step in plan:  # warm-up outside the graphs, as torch's graph docs require
-        run(segment, host_step)
-    graphs = []
-    for segment, host_step in plan:
+    with handoff.engage() if handoff is not None else contextlib.nullcontext():
+        with handoff.cpu_alongside() if handoff is not None else contextlib.nullcontext():
+            step()  # warm-up outside the graph, as torch's graph docs require
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=pool, stream=stream):
-            run(segment, None)
-        graphs.append((graph, host_step))
-    logits = state["logits"]
+            logits = step()
 
     def replay():
-        for graph, host_step in graphs:
-            graph.replay()
-            if host_step is not None:
-                host_step()
+        graph.replay()
+        if handoff is not None:
+            handoff.run_cpu()
         return logits
 
     return replay

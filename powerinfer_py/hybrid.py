@@ -1,12 +1,14 @@
 """The hybrid FFN: one layer's neurons split between the GPU (hot rows) and the CPU (cold rows), both halves
 computed at the same time from the same predictor mask, partial outputs added on the GPU.
 
-Per layer and call:  GPU: copy x and the mask to pinned host buffers (`send`), record an event, launch the
-hot rows' kernels (`gpu_part`, queued and running)  |  CPU: wait for the event, compute the cold rows
-(`cpu_part`)  |  GPU: copy the cold result back, pinned and non-blocking, and add it (`receive`).
-The module keeps model.FeedForward's signature, so the model code does not change; kernels come from the
-`kernels` registry. For decode on CUDA, generate.capture_decode turns a split model's step into two CUDA graphs per
-layer with the CPU's work between them."""
+Decode steps traced for a CUDA graph go through a kernels.Handoff shared by the split layers: the GPU hands
+x and the mask to pinned host memory and raises a flag, runs the hot rows, and waits on the GPU for the CPU's
+flag before adding its result, while one host call computes every layer's cold rows as their flags come
+(generate.capture_decode). Other calls (prefill, eager decode) hand off per layer from the host:
+GPU: copy x and the mask to pinned host buffers (`send`), record an event, launch the hot rows (`gpu_part`)
+| CPU: wait for the event, compute the cold rows (`cpu_part`) | GPU: copy the cold result back, pinned and
+non-blocking, and add it (`receive`). The module keeps model.FeedForward's signature, so the model code does not
+change; kernels come from the `kernels` registry."""
 from __future__ import annotations
 
 import time
@@ -19,24 +21,21 @@ from kernels import FFNRows, sparse_ffn
 
 
 class HostBuffers:
-    """Pinned host buffers shared by all layers (a layer is done with them before the next one starts). The
-    one-token buffers never move, so CUDA graphs can copy to and from them."""
+    """Pinned host buffers for the per-layer hand-off from the host, shared by all layers (a layer is done with
+    them before the next one starts), grown to the longest call."""
 
     def __init__(self, dim: int, n_ff: int, dtype):
         self.dim, self.n_ff, self.dtype = dim, n_ff, dtype
-        self.by_size: dict[str, tuple] = {}
-
-    def _alloc(self, T: int):
-        pin = torch.cuda.is_available()
-        return (torch.empty((T, self.dim), dtype=self.dtype, pin_memory=pin),
-                torch.empty((T, self.n_ff), dtype=torch.bool, pin_memory=pin),
-                torch.empty((T, self.dim), dtype=self.dtype, pin_memory=pin))
+        self.buffers = None
 
     def get(self, T: int):
-        key = "decode" if T == 1 else "prefill"
-        if key not in self.by_size or self.by_size[key][0].shape[0] < T:
-            self.by_size[key] = self._alloc(T)
-        return tuple(b[:T] for b in self.by_size[key])
+        """(x, active, y) host buffers for T tokens."""
+        if self.buffers is None or self.buffers[0].shape[0] < T:
+            pin = torch.cuda.is_available()
+            self.buffers = (torch.empty((T, self.dim), dtype=self.dtype, pin_memory=pin),
+                            torch.empty((T, self.n_ff), dtype=torch.bool, pin_memory=pin),
+                            torch.empty((T, self.dim), dtype=self.dtype, pin_memory=pin))
+        return tuple(b[:T] for b in self.buffers)
 
 
 class HybridCounters:
@@ -52,6 +51,9 @@ class HybridCounters:
         self.active.zero_()
         self.hits.zero_()
         self.cpu_seconds = 0.0
+
+    def add_cpu_seconds(self, seconds: float):
+        self.cpu_seconds += seconds
 
     def count(self, active, gpu_mask):
         self.active += active.sum()
@@ -71,6 +73,7 @@ class HybridFeedForward(nn.Module):
         self.gpu_rows, self.cpu_rows, self.n_ff = gpu_rows, cpu_rows, n_ff
         self.act, self.threshold, self.host, self.counters = act, threshold, host, counters
         self.splits = cpu_rows is not None and torch.device(device).type == "cuda"  # the call crosses PCIe
+        self.handoff, self.slot = None, None  # set by the engine for split layers: kernels.Handoff, this layer's slot
         if torch.device(device).type == "cuda":
             self.copied = torch.cuda.Event()
             self.register_buffer("gpu_mask", torch.zeros(n_ff, dtype=torch.bool, device=device), persistent=False)
@@ -83,6 +86,9 @@ class HybridFeedForward(nn.Module):
         if not self.splits:
             rows = self.gpu_rows if self.gpu_rows is not None else self.cpu_rows
             return sparse_ffn(x, rows, active, self.act, self.threshold).view(shape)
+        if self.handoff is not None and self.handoff.engaged and x.shape[0] == 1:
+            self.handoff.send(self.slot, x, active)
+            return self.handoff.receive(self.slot, self.gpu_part(x, active)).view(shape)
         self.send(x, active)
         self.copied.record()
         y = self.gpu_part(x, active)
@@ -116,7 +122,7 @@ class HybridFeedForward(nn.Module):
         t0 = time.perf_counter()
         sparse_ffn(x_host, self.cpu_rows, active_host, self.act, self.threshold, out=y_host)
         if self.counters is not None:
-            self.counters.cpu_seconds += time.perf_counter() - t0
+            self.counters.add_cpu_seconds(time.perf_counter() - t0)
 
     def receive(self, y):
         y_host = self.host.get(y.shape[0])[2]

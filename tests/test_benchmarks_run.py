@@ -1,5 +1,5 @@
 """The suite's entry point in smoke mode (tiny shapes, on the CPU here): every part it can run writes its
-rows, the table and the plot; the 7B part's hybrid decode step is traced."""
+rows, the table and the plot; the 7B part's hybrid decode step is traced (its overlap needs a GPU)."""
 import json
 
 import pytest
@@ -28,7 +28,8 @@ def test_synthetic_part_rows(smoke):
     assert len(hybrid["runs"]) == 3 and hybrid["new_tokens"] >= 4 and hybrid["prompt_tps"] > 0
     assert result["model"]["statistics"]["measured"]["sparsity"] > 0.6
     assert [r["status"] for r in result["rows"] if r["system"] == "dense"] == ["ok"]
-    assert len(result["timeline"]["layers"]) == 4 and (smoke / result["timeline"]["trace"]).exists()
+    assert (smoke / result["timeline"]["trace"]).exists()  # on the CPU nothing splits: no layers to overlap
+    assert result["timeline"]["layers"] == []
 
 
 def test_ledger_only_part_and_report(smoke):

@@ -161,3 +161,51 @@ def test_cpu_any_thread_count_and_deterministic(threads, path, monkeypatch):
     assert rel_err(h, sparse_gate_up_reference(x.double(), gate, up, rows.neuron_idx, active)) < 1e-6
     assert torch.equal(y1, y2) and (y1[2] == 0).all()
     assert rel_err(y1, h.double() @ down_t) < 1e-6
+
+
+@pytest.mark.skipif(not HAS_CC, reason="no C compiler (cc) on this machine")
+@pytest.mark.parametrize("dtype,weight_type", [(torch.float16, "f16"), (torch.float32, "q8_0"),
+                                               (torch.bfloat16, "bf16")])
+def test_cold_step_follows_the_flags_layer_by_layer(dtype, weight_type):
+    """A thread plays the GPU: it writes each layer's input, raises the input flag, waits for the output flag and
+    checks the result against float64 math, for several layers and two steps."""
+    import threading
+    import time
+
+    d, n_ff, n_layers = 64, 96, 3
+    layers = [FFNRows.pack(*random_share(70, d, n_ff), "cpu", weight_type) for _ in range(n_layers)]
+    x_host, active_host, y_host = torch.empty(d, dtype=dtype), torch.empty(n_ff, dtype=torch.bool), torch.empty(d, dtype=dtype)
+    ready = torch.zeros((2, n_layers), dtype=torch.int32)
+    step = cpu.ColdStep(layers, "relu", 0.0, x_host, active_host, y_host, ready)
+    errors = []
+
+    def gpu(epoch):
+        for slot, rows in enumerate(layers):
+            x, active = torch.randn(d).to(dtype), random_mask(1, n_ff, 0.4)[0]
+            x_host.copy_(x)
+            active_host.copy_(active)
+            ready[0, slot] = epoch
+            deadline = time.monotonic() + 10
+            while int(ready[1, slot]) != epoch and time.monotonic() < deadline:
+                pass
+            gate, up, down_t = (t.double() for t in rows.dense())
+            ref = sparse_ffn_reference(x.double()[None], gate, up, down_t, rows.neuron_idx, active[None])[0]
+            errors.append(rel_err(y_host, ref))
+
+    for epoch in (1, 2):
+        thread = threading.Thread(target=gpu, args=(epoch,))
+        thread.start()
+        assert step(epoch, timeout_s=10.0)
+        thread.join()
+    assert len(errors) == 2 * n_layers and max(errors) < 2 * F32_RTOL[dtype]
+    assert (step.times[:, 1] >= step.times[:, 0]).all()
+
+
+@pytest.mark.skipif(not HAS_CC, reason="no C compiler (cc) on this machine")
+def test_cold_step_gives_up_when_no_input_comes():
+    rows = FFNRows.pack(*random_share(8, 16, 8), "cpu", "f32")
+    ready = torch.zeros((2, 1), dtype=torch.int32)
+    step = cpu.ColdStep([rows], "relu", 0.0, torch.empty(16), torch.empty(8, dtype=torch.bool), torch.empty(16),
+                        ready)
+    assert not step(1, timeout_s=0.05)
+    assert int(ready[1, 0]) == 0

@@ -1,0 +1,121 @@
+"""The GPU-CPU hand-off of a hybrid decode step, without the host in the GPU's way.
+
+Per split layer the GPU writes the FFN input and the predictor's mask into pinned host memory and raises a flag
+there (`send`), runs its hot rows, then waits on the GPU for the CPU's flag and adds the CPU's cold-row result
+(`receive`). Meanwhile one host call (`run_cpu`, cold_step in cpu_rows.c) walks the layers: it spins on each
+input flag, computes the cold rows and raises the output flag. The flags carry a step number (`epoch`, counted
+on the GPU by `begin_step` and on the host by `run_cpu`), so a whole decode step is one CUDA graph replay plus
+one C call: no per-layer launch, event or Python on the critical path. Both waits give up after a timeout and
+say so rather than hang."""
+from __future__ import annotations
+
+import contextlib
+import functools
+import threading
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .cpu import DTYPE_CODES, ColdStep
+from .rows import FFNRows
+
+THREADS = 1024  # THREADS in handoff.cu
+TIMEOUT_S = 30.0  # either side waiting longer than this for the other gives up with an error
+
+
+@functools.cache
+def _module():
+    import cupy
+
+    return cupy.RawModule(code=Path(__file__).with_name("handoff.cu").read_text(), options=("-std=c++17",))
+
+
+def _launch(name: str, args, device: torch.device):
+    import cupy
+
+    with cupy.cuda.Device(device.index), cupy.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream):
+        _module().get_function(name)((1,), (THREADS,), args)
+
+
+def _ptr(t: torch.Tensor) -> np.uint64:
+    return np.uint64(t.data_ptr())
+
+
+class Handoff:
+    """The hand-off of one-token steps for the split layers `cold_layers` (CPU rows, in layer order)."""
+
+    def __init__(self, cold_layers: list[FFNRows], dim: int, n_ff: int, dtype: torch.dtype, act: str,
+                 threshold: float, device, on_cpu_seconds=None):
+        self.device = torch.device(device)
+        self.x_host = torch.empty(dim, dtype=dtype, pin_memory=True)
+        self.active_host = torch.empty(n_ff, dtype=torch.bool, pin_memory=True)
+        self.y_host = torch.empty(dim, dtype=dtype, pin_memory=True)
+        self.ready = torch.zeros((2, len(cold_layers)), dtype=torch.int32, pin_memory=True)  # input, output flags
+        self.error = torch.zeros(1, dtype=torch.int32, pin_memory=True)
+        self.epoch = torch.zeros(1, dtype=torch.int32, device=self.device)
+        self.host_epoch = 0
+        self.cold_step = ColdStep(cold_layers, act, threshold, self.x_host, self.active_host, self.y_host,
+                                  self.ready)
+        self.on_cpu_seconds = on_cpu_seconds
+        self.engaged = False  # set while a decode step is traced for a graph: split FFNs then use the hand-off
+        _module()  # compile now, not inside a step the CPU is already waiting on
+
+    @contextlib.contextmanager
+    def engage(self):
+        self.engaged = True
+        try:
+            yield
+        finally:
+            self.engaged = False
+
+    def begin_step(self):
+        """GPU: the next step's number, at the start of the step (captured in its graph)."""
+        self.epoch += 1
+
+    def send(self, slot: int, x: torch.Tensor, active: torch.Tensor):
+        """GPU: hand layer `slot`'s input (1, dim) and mask (1, n_ff) to the CPU."""
+        x, active = x.contiguous(), active.contiguous()
+        _launch("send_to_host", (_ptr(x), np.int64(x.numel() * x.element_size()), _ptr(active),
+                                 np.int64(active.numel()), _ptr(self.x_host), _ptr(self.active_host),
+                                 _ptr(self.ready[0, slot]), _ptr(self.epoch)), self.device)
+
+    def receive(self, slot: int, y_gpu: torch.Tensor) -> torch.Tensor:
+        """GPU: y_gpu + the CPU's result for layer `slot`, once the CPU has raised its flag."""
+        y_gpu = y_gpu.contiguous()
+        out = torch.empty_like(y_gpu)
+        _launch("add_from_host", (_ptr(y_gpu), _ptr(self.y_host), _ptr(out), np.int32(y_gpu.numel()),
+                                  np.int32(DTYPE_CODES[y_gpu.dtype]), _ptr(self.ready[1, slot]), _ptr(self.epoch),
+                                  _ptr(self.error), np.int64(TIMEOUT_S * 1e9)), self.device)
+        return out
+
+    def run_cpu(self):
+        """Host: the CPU half of the step just launched (blocks until its last layer is done)."""
+        self.host_epoch += 1
+        if not self.cold_step(self.host_epoch, TIMEOUT_S):
+            raise RuntimeError(f"hand-off: the GPU did not signal within {TIMEOUT_S:.0f} s (step {self.host_epoch})")
+        if self.error.item():
+            raise RuntimeError(f"hand-off: the GPU timed out waiting for the CPU (step {self.host_epoch})")
+        if self.on_cpu_seconds is not None:
+            self.on_cpu_seconds(float((self.cold_step.times[:, 1] - self.cold_step.times[:, 0]).sum()))
+
+    @contextlib.contextmanager
+    def cpu_alongside(self):
+        """Run the CPU half on a thread while the block launches a step eagerly (launches may block once the
+        GPU's queue is full, and the GPU waits for the CPU)."""
+        failure = []
+
+        def work():
+            try:
+                self.run_cpu()
+            except RuntimeError as e:
+                failure.append(e)
+
+        thread = threading.Thread(target=work, daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            thread.join()
+        if failure:
+            raise failure[0]

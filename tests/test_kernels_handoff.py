@@ -1,0 +1,98 @@
+"""The GPU-CPU hand-off: GPU halves (send, receive) with the CPU half (cold_step) between them, eagerly and
+inside a CUDA graph, against float64 math; and both sides' timeouts."""
+import pytest
+import torch
+
+from kernels import FFNRows, sparse_ffn_reference
+from kernels.cases import random_mask, random_share
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+pytest.importorskip("cupy")
+from kernels import handoff as handoff_module
+from kernels.handoff import Handoff
+
+D, N_FF = 256, 640
+RTOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+
+
+def rel_err(a, b):
+    return ((a.double() - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def make(dtype, n_layers=3, weight_type="f16"):
+    layers = [FFNRows.pack(*random_share(300, D, N_FF, scale=0.1), "cpu", weight_type) for _ in range(n_layers)]
+    return layers, Handoff(layers, D, N_FF, dtype, "relu", 0.0, "cuda")
+
+
+def expected(rows, x, active, y_gpu):
+    gate, up, down_t = (t.double() for t in rows.dense())
+    cold = sparse_ffn_reference(x.double().cpu(), gate, up, down_t, rows.neuron_idx, active.cpu())
+    return y_gpu.double().cpu() + cold
+
+
+def one_step(handoff, layers, xs, masks, y_gpus):
+    handoff.begin_step()
+    outs = []
+    for slot in range(len(layers)):
+        handoff.send(slot, xs[slot], masks[slot])
+        outs.append(handoff.receive(slot, y_gpus[slot]))
+    return outs
+
+
+def fresh_inputs(n_layers, dtype):
+    xs = [torch.randn(1, D, device="cuda").to(dtype) for _ in range(n_layers)]
+    masks = [random_mask(1, N_FF, 0.3).cuda() for _ in range(n_layers)]
+    y_gpus = [torch.randn(1, D, device="cuda").to(dtype) for _ in range(n_layers)]
+    return xs, masks, y_gpus
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_eager_steps_add_the_cold_rows(dtype):
+    layers, handoff = make(dtype)
+    with handoff.engage():
+        for _ in range(2):
+            xs, masks, y_gpus = fresh_inputs(len(layers), dtype)
+            with handoff.cpu_alongside():
+                outs = one_step(handoff, layers, xs, masks, y_gpus)
+            torch.cuda.synchronize()
+            for rows, x, mask, y_gpu, out in zip(layers, xs, masks, y_gpus, outs):
+                assert out.dtype == dtype
+                assert rel_err(out, expected(rows, x, mask, y_gpu)) < RTOL[dtype]
+    assert handoff.host_epoch == int(handoff.epoch) == 2
+
+
+def test_graph_replays_take_new_inputs():
+    dtype = torch.float16
+    layers, handoff = make(dtype)
+    xs, masks, y_gpus = fresh_inputs(len(layers), dtype)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream), handoff.engage():
+        with handoff.cpu_alongside():
+            one_step(handoff, layers, xs, masks, y_gpus)  # warm-up
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            outs = one_step(handoff, layers, xs, masks, y_gpus)
+    torch.cuda.current_stream().wait_stream(stream)
+    for _ in range(3):
+        new_xs, new_masks, new_ys = fresh_inputs(len(layers), dtype)
+        for static, new in zip(xs + masks + y_gpus, new_xs + new_masks + new_ys):
+            static.copy_(new)
+        graph.replay()
+        handoff.run_cpu()
+        torch.cuda.synchronize()
+        for rows, x, mask, y_gpu, out in zip(layers, xs, masks, y_gpus, outs):
+            assert rel_err(out, expected(rows, x, mask, y_gpu)) < RTOL[dtype]
+    assert (handoff.cold_step.times[:, 1] > handoff.cold_step.times[:, 0]).all()
+
+
+def test_each_side_gives_up_without_the_other(monkeypatch):
+    monkeypatch.setattr(handoff_module, "TIMEOUT_S", 0.05)
+    layers, handoff = make(torch.float16, n_layers=1)
+    with pytest.raises(RuntimeError, match="GPU did not signal"):
+        handoff.run_cpu()  # no GPU half launched
+    xs, masks, y_gpus = fresh_inputs(1, torch.float16)
+    with handoff.engage():
+        one_step(handoff, layers, xs, masks, y_gpus)  # step 1 on the GPU; the host is at step 1 already
+    torch.cuda.synchronize()  # returns: the GPU's wait timed out instead of hanging
+    assert int(handoff.error) == 1
