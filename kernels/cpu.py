@@ -71,7 +71,7 @@ def native_library() -> ctypes.CDLL | None:
     lib.down.argtypes = [ptr, i64, i32, i64, i32, ptr, i32, ptr, i32]
     lib.ffn.argtypes = [ptr, ptr, ptr, i64, i32, ptr, i64, ptr, i64, ptr, i32, i32, i32, f32, ptr, i32, i32]
     lib.cold_step.argtypes = [ctypes.POINTER(RowsDesc), i32, i32, i64, i32, i32, f32, ptr, i32, ptr, ptr, ptr, ptr,
-                              i32, ctypes.c_double, ptr, i32]
+                              i32, ctypes.c_double, ptr, ptr, i32]
     lib.gate_up.restype = lib.down.restype = lib.ffn.restype = None
     lib.cold_step.restype = i32
     return lib
@@ -102,13 +102,15 @@ class ColdStep:
         self.descs = (RowsDesc * len(layers))(*[RowsDesc.of(rows) for rows in layers])
         self.layers, self.buffers = layers, (x_host, active_host, y_host, ready)
         self.times = torch.zeros((len(layers), 2), dtype=torch.float64)  # when each layer's input came, output left
+        self.counts = torch.zeros((len(layers), 2), dtype=torch.int64)  # each layer's active neurons, cold ones
         self.args = (self.descs, len(layers), WEIGHT_CODES[layers[0].weight_type], active_host.shape[-1],
                      layers[0].d, ACT_CODES[act], threshold, x_host.data_ptr(), DTYPE_CODES[x_host.dtype],
                      active_host.data_ptr(), y_host.data_ptr(), ready[0].data_ptr(), ready[1].data_ptr())
 
     def __call__(self, epoch: int, timeout_s: float) -> bool:
         """Runs the step whose flags carry `epoch`; False if an input flag did not come within timeout_s."""
-        return self.lib.cold_step(*self.args, epoch, timeout_s, self.times.data_ptr(), torch.get_num_threads()) == 0
+        return self.lib.cold_step(*self.args, epoch, timeout_s, self.times.data_ptr(), self.counts.data_ptr(),
+                                  torch.get_num_threads()) == 0
 
 
 def _row_bytes(t: torch.Tensor) -> int:

@@ -253,8 +253,14 @@ static int64_t element_offset(int wt, int64_t c) {
   }
 }
 
+#ifndef PF_HINT
+#define PF_HINT 0
+#endif
+#ifndef PF_NEXT
+#define PF_NEXT 1
+#endif
 static void prefetch(const uint8_t* p, int64_t bytes) {
-  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(p + b, 0, 0);
+  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(p + b, 0, PF_HINT);
 }
 
 // Model-dtype vectors (F32, F16 or BF16) to and from fp32.
@@ -317,7 +323,7 @@ static void row_ffn(const rows_desc* r, int wt, int64_t j, const uint8_t* next_g
   float gbuf[CHUNK], ubuf[CHUNK];
   for (int c = 0; c < d; c += CHUNK) {
     const int len = d - c < CHUNK ? d - c : CHUNK;
-    if (next_gate) {
+    if (PF_NEXT && next_gate) {
       const int64_t b0 = element_offset(wt, c), b1 = element_offset(wt, c + len);
       prefetch(next_gate + b0, b1 - b0);
       prefetch(next_up + b0, b1 - b0);
@@ -353,8 +359,8 @@ typedef struct {
 } scratch;
 
 // Inside a parallel region: y (T, d), of type y_type, = the rows' FFN output for the active neurons (x fp32).
-// Ends with a barrier, so the scratch can be reused at once.
-static void ffn_region(const rows_desc* r, int wt, const uint8_t* active, int64_t n_ff, const float* x, int d,
+// Ends with a barrier, so the scratch can be reused at once. Returns the number of rows some token needed.
+static int64_t ffn_region(const rows_desc* r, int wt, const uint8_t* active, int64_t n_ff, const float* x, int d,
                        int T, int act, float threshold, const scratch* s, void* y, int y_type) {
   const active_ctx ctx = {r->neuron_idx, active, n_ff, T};
   const row_list list = list_rows(row_active, &ctx, r->m, s->scan, s->counts);
@@ -382,6 +388,7 @@ static void ffn_region(const rows_desc* r, int wt, const uint8_t* active, int64_
     from_float(sums, len, y_type, (uint8_t*)y + element_offset(y_type, k));
   }
 #pragma omp barrier
+  return list.n;
 }
 
 static scratch new_scratch(int64_t m, int n_threads, int T, int d) {
@@ -416,11 +423,13 @@ static double now(void) {
 // The CPU half of one decode step (one token). For each split layer l in order: wait until the GPU has written
 // x_host (d, type x_type) and active_host (n_ff bytes) and set x_ready[l] = epoch, compute the layer's cold rows
 // into y_host (same type), then set y_ready[l] = epoch (the GPU waits for it). times[2 l], times[2 l + 1]: when
-// the input was seen and the output published. Returns 0, or -1 if the GPU did not signal within timeout_s.
+// the input was seen and the output published; counts[2 l], counts[2 l + 1]: active neurons of the layer, and
+// of them cold ones (the GPU hit rate, counted here rather than on the GPU's critical path).
+// Returns 0, or -1 if the GPU did not signal within timeout_s.
 int cold_step(const rows_desc* layers, int n_layers, int wt, int64_t n_ff, int d, int act, float threshold,
               const void* x_host, int x_type, const uint8_t* active_host, void* y_host,
               volatile int32_t* x_ready, volatile int32_t* y_ready, int32_t epoch, double timeout_s,
-              double* times, int n_threads) {
+              double* times, int64_t* counts, int n_threads) {
   int64_t max_m = 1;
   for (int l = 0; l < n_layers; ++l) max_m = layers[l].m > max_m ? layers[l].m : max_m;
   scratch s = new_scratch(max_m, n_threads, 1, d);
@@ -442,10 +451,15 @@ int cold_step(const rows_desc* layers, int n_layers, int wt, int64_t n_ff, int d
       }
 #pragma omp barrier
       if (timed_out) break;  // every thread sees the same value after the barrier
-      ffn_region(layers + l, wt, active_host, n_ff, x, d, 1, act, threshold, &s, y_host, x_type);
+      const int64_t cold = ffn_region(layers + l, wt, active_host, n_ff, x, d, 1, act, threshold, &s, y_host,
+                                      x_type);
       if (tid == 0) {
         __atomic_store_n(&y_ready[l], epoch, __ATOMIC_RELEASE);
         times[2 * l + 1] = now();
+        int64_t active = 0;  // the mask stays put until this layer's output is taken, which is now
+        for (int64_t n = 0; n < n_ff; ++n) active += active_host[n] != 0;
+        counts[2 * l] = active;
+        counts[2 * l + 1] = cold;
       }
     }
   }

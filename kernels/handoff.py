@@ -46,7 +46,9 @@ class Handoff:
     """The hand-off of one-token steps for the split layers `cold_layers` (CPU rows, in layer order)."""
 
     def __init__(self, cold_layers: list[FFNRows], dim: int, n_ff: int, dtype: torch.dtype, act: str,
-                 threshold: float, device, on_cpu_seconds=None):
+                 threshold: float, device, on_step=None):
+        """on_step(cpu_seconds, active, cold_active), if given, after each step: the host's compute time and
+        the neurons the step's split layers had active, and of them cold."""
         self.device = torch.device(device)
         self.x_host = torch.empty(dim, dtype=dtype, pin_memory=True)
         self.active_host = torch.empty(n_ff, dtype=torch.bool, pin_memory=True)
@@ -57,7 +59,7 @@ class Handoff:
         self.host_epoch = 0
         self.cold_step = ColdStep(cold_layers, act, threshold, self.x_host, self.active_host, self.y_host,
                                   self.ready)
-        self.on_cpu_seconds = on_cpu_seconds
+        self.on_step = on_step
         self.engaged = False  # set while a decode step is traced for a graph: split FFNs then use the hand-off
         _module()  # compile now, not inside a step the CPU is already waiting on
 
@@ -96,8 +98,9 @@ class Handoff:
             raise RuntimeError(f"hand-off: the GPU did not signal within {TIMEOUT_S:.0f} s (step {self.host_epoch})")
         if self.error.item():
             raise RuntimeError(f"hand-off: the GPU timed out waiting for the CPU (step {self.host_epoch})")
-        if self.on_cpu_seconds is not None:
-            self.on_cpu_seconds(float((self.cold_step.times[:, 1] - self.cold_step.times[:, 0]).sum()))
+        if self.on_step is not None:
+            times, counts = self.cold_step.times, self.cold_step.counts.sum(0).tolist()
+            self.on_step(float((times[:, 1] - times[:, 0]).sum()), *counts)
 
     @contextlib.contextmanager
     def cpu_alongside(self):

@@ -175,7 +175,7 @@ def install_hybrid_ffns(model, ckpt: Checkpoint, gpu_masks, device, gpu_weight_t
         from kernels.handoff import Handoff
 
         model.handoff = Handoff([ff.cpu_rows for ff in split], cfg.dim, cfg.n_ff, host.dtype, cfg.ffn_act,
-                                cfg.ffn_threshold, device, counters.add_cpu_seconds)
+                                cfg.ffn_threshold, device, counters.add_host_step)
         for slot, ff in enumerate(split):
             ff.handoff, ff.slot = model.handoff, slot
 

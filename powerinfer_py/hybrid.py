@@ -39,30 +39,36 @@ class HostBuffers:
 
 
 class HybridCounters:
-    """GPU hit rate (share of active neurons served on the GPU) and host time in cold-row compute. The sums
-    stay on the GPU until read, so counting adds no synchronisation (and is captured in graphs)."""
+    """GPU hit rate (share of active neurons served on the GPU) and host time in cold-row compute. Sums counted
+    on the GPU stay there until read (no synchronisation; captured in graphs); layers that hand off through a
+    kernels.Handoff are counted by its host side, which scans their masks anyway (no GPU work at all)."""
 
     def __init__(self, device):
-        self.active = torch.zeros((), dtype=torch.long, device=device)
-        self.hits = torch.zeros((), dtype=torch.long, device=device)
+        self.gpu_counts = torch.zeros(2, dtype=torch.long, device=device)  # active neurons, of them on the GPU
+        self.host_counts = [0, 0]
         self.cpu_seconds = 0.0
 
     def reset(self):
-        self.active.zero_()
-        self.hits.zero_()
+        self.gpu_counts.zero_()
+        self.host_counts = [0, 0]
         self.cpu_seconds = 0.0
 
-    def add_cpu_seconds(self, seconds: float):
-        self.cpu_seconds += seconds
+    def count(self, active, gpu_mask=None):
+        """gpu_mask None: every neuron of the layer is on the GPU."""
+        if gpu_mask is None:
+            self.gpu_counts += active.sum()
+        else:
+            self.gpu_counts += torch.stack((active.sum(), (active & gpu_mask).sum()))
 
-    def count(self, active, gpu_mask):
-        self.active += active.sum()
-        self.hits += (active & gpu_mask).sum()
+    def add_host_step(self, seconds: float, active: int = 0, cold_active: int = 0):
+        self.cpu_seconds += seconds
+        self.host_counts[0] += active
+        self.host_counts[1] += active - cold_active
 
     @property
     def hit_rate(self) -> float:
-        total = int(self.active)
-        return int(self.hits) / total if total else float("nan")
+        active, hits = (g + h for g, h in zip(self.gpu_counts.tolist(), self.host_counts))
+        return hits / active if active else float("nan")
 
 
 class HybridFeedForward(nn.Module):
@@ -83,12 +89,14 @@ class HybridFeedForward(nn.Module):
     def forward(self, x, active=None):
         shape = x.shape
         x, active = self.prepare(x, active)
+        if self.handoff is not None and self.handoff.engaged and x.shape[0] == 1:  # its host side counts hits
+            self.handoff.send(self.slot, x, active)
+            return self.handoff.receive(self.slot, self.gpu_part(x, active)).view(shape)
+        if self.counters is not None:
+            self.counters.count(active, self.gpu_mask if self.cpu_rows is not None else None)
         if not self.splits:
             rows = self.gpu_rows if self.gpu_rows is not None else self.cpu_rows
             return sparse_ffn(x, rows, active, self.act, self.threshold).view(shape)
-        if self.handoff is not None and self.handoff.engaged and x.shape[0] == 1:
-            self.handoff.send(self.slot, x, active)
-            return self.handoff.receive(self.slot, self.gpu_part(x, active)).view(shape)
         self.send(x, active)
         self.copied.record()
         y = self.gpu_part(x, active)
@@ -96,14 +104,11 @@ class HybridFeedForward(nn.Module):
         return self.receive(y).view(shape)
 
     def prepare(self, x, active):
-        """(T, d) input and (T, n_ff) mask (all True without a predictor); counts GPU hits."""
+        """(T, d) input and (T, n_ff) mask (all True without a predictor)."""
         x = x.reshape(-1, x.shape[-1])
         if active is None:  # no predictor: every neuron computes (dense, exact)
             active = torch.ones((x.shape[0], self.n_ff), dtype=torch.bool, device=x.device)
-        active = active.reshape(-1, self.n_ff)
-        if self.counters is not None and hasattr(self, "gpu_mask"):
-            self.counters.count(active, self.gpu_mask)
-        return x, active
+        return x, active.reshape(-1, self.n_ff)
 
     def send(self, x, active):
         x_host, active_host, _ = self.host.get(x.shape[0])
@@ -122,7 +127,7 @@ class HybridFeedForward(nn.Module):
         t0 = time.perf_counter()
         sparse_ffn(x_host, self.cpu_rows, active_host, self.act, self.threshold, out=y_host)
         if self.counters is not None:
-            self.counters.add_cpu_seconds(time.perf_counter() - t0)
+            self.counters.add_host_step(time.perf_counter() - t0)
 
     def receive(self, y):
         y_host = self.host.get(y.shape[0])[2]

@@ -177,11 +177,12 @@ def test_cold_step_follows_the_flags_layer_by_layer(dtype, weight_type):
     x_host, active_host, y_host = torch.empty(d, dtype=dtype), torch.empty(n_ff, dtype=torch.bool), torch.empty(d, dtype=dtype)
     ready = torch.zeros((2, n_layers), dtype=torch.int32)
     step = cpu.ColdStep(layers, "relu", 0.0, x_host, active_host, y_host, ready)
-    errors = []
+    errors, counts = [], torch.zeros((n_layers, 2), dtype=torch.int64)
 
     def gpu(epoch):
         for slot, rows in enumerate(layers):
             x, active = torch.randn(d).to(dtype), random_mask(1, n_ff, 0.4)[0]
+            counts[slot] = torch.stack((active.sum(), active[rows.neuron_idx].sum()))
             x_host.copy_(x)
             active_host.copy_(active)
             ready[0, slot] = epoch
@@ -199,6 +200,7 @@ def test_cold_step_follows_the_flags_layer_by_layer(dtype, weight_type):
         thread.join()
     assert len(errors) == 2 * n_layers and max(errors) < 2 * F32_RTOL[dtype]
     assert (step.times[:, 1] >= step.times[:, 0]).all()
+    assert torch.equal(step.counts, counts)  # active neurons, and of them cold ones, of the last step
 
 
 @pytest.mark.skipif(not HAS_CC, reason="no C compiler (cc) on this machine")

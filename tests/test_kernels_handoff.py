@@ -16,12 +16,12 @@ RTOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 
 
 def rel_err(a, b):
-    return ((a.double() - b).norm() / b.norm().clamp_min(1e-30)).item()
+    return ((a.double().cpu() - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-def make(dtype, n_layers=3, weight_type="f16"):
-    layers = [FFNRows.pack(*random_share(300, D, N_FF, scale=0.1), "cpu", weight_type) for _ in range(n_layers)]
-    return layers, Handoff(layers, D, N_FF, dtype, "relu", 0.0, "cuda")
+def make(dtype, n_layers=3, dim=D):
+    layers = [FFNRows.pack(*random_share(300, dim, N_FF, scale=0.1), "cpu", "f16") for _ in range(n_layers)]
+    return layers, Handoff(layers, dim, N_FF, dtype, "relu", 0.0, "cuda")
 
 
 def expected(rows, x, active, y_gpu):
@@ -39,25 +39,31 @@ def one_step(handoff, layers, xs, masks, y_gpus):
     return outs
 
 
-def fresh_inputs(n_layers, dtype):
-    xs = [torch.randn(1, D, device="cuda").to(dtype) for _ in range(n_layers)]
+def fresh_inputs(n_layers, dtype, dim=D):
+    xs = [torch.randn(1, dim, device="cuda").to(dtype) for _ in range(n_layers)]
     masks = [random_mask(1, N_FF, 0.3).cuda() for _ in range(n_layers)]
-    y_gpus = [torch.randn(1, D, device="cuda").to(dtype) for _ in range(n_layers)]
+    y_gpus = [torch.randn(1, dim, device="cuda").to(dtype) for _ in range(n_layers)]
     return xs, masks, y_gpus
 
 
+@pytest.mark.parametrize("dim", [D, 250])  # 250: not a multiple of 16 bytes, read element by element
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-def test_eager_steps_add_the_cold_rows(dtype):
-    layers, handoff = make(dtype)
+def test_eager_steps_add_the_cold_rows(dtype, dim):
+    steps = []
+    layers, handoff = make(dtype, dim=dim)
+    handoff.on_step = lambda seconds, active, cold: steps.append((seconds, active, cold))
     with handoff.engage():
         for _ in range(2):
-            xs, masks, y_gpus = fresh_inputs(len(layers), dtype)
+            xs, masks, y_gpus = fresh_inputs(len(layers), dtype, dim)
             with handoff.cpu_alongside():
                 outs = one_step(handoff, layers, xs, masks, y_gpus)
             torch.cuda.synchronize()
             for rows, x, mask, y_gpu, out in zip(layers, xs, masks, y_gpus, outs):
                 assert out.dtype == dtype
                 assert rel_err(out, expected(rows, x, mask, y_gpu)) < RTOL[dtype]
+            active = sum(int(m.sum()) for m in masks)
+            cold = sum(int(m[0, rows.neuron_idx.cuda()].sum()) for rows, m in zip(layers, masks))
+            assert steps[-1][1:] == (active, cold) and steps[-1][0] > 0
     assert handoff.host_epoch == int(handoff.epoch) == 2
 
 

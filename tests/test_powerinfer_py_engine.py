@@ -67,8 +67,11 @@ def test_gpu_engine_all_active_equals_dense_at_several_splits(gpu_share):
                          predictors=random_predictors(cfg, all_active=True))
     prompt = [5, 17, 42, 7]
     want, _ = Generator(dense, 128).generate(prompt, 64)
+    setup.counters.reset()
     got, _ = Generator(setup.model, 128).generate(prompt, 64)
     assert got == want
+    # every neuron active: the hit rate (counted on the GPU in prefill, by the CPU in decode) is the GPU share
+    assert setup.counters.hit_rate == pytest.approx(sum(int(m.sum()) for m in masks) / (cfg.n_layers * cfg.n_ff))
 
 
 @pytest.mark.gpu
