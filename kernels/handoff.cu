@@ -72,7 +72,9 @@ extern "C" __global__ void __launch_bounds__(THREADS) add_from_host(
     const int n = vector ? per16 : (d - i0 < per16 ? d - i0 : per16);
     union { uint4 v; float f[4]; unsigned short h[8]; } host;
     if (vector) {
-      host.v = *(const volatile uint4*)((const char*)y_host + (long long)i0 * (type == 0 ? 4 : 2));
+      const char* p = (const char*)y_host + (long long)i0 * (type == 0 ? 4 : 2);
+      asm volatile("ld.volatile.v4.u32 {%0, %1, %2, %3}, [%4];"
+                   : "=r"(host.v.x), "=r"(host.v.y), "=r"(host.v.z), "=r"(host.v.w) : "l"(p));
     } else {
       for (int k = 0; k < n; ++k) {
         if (type == 0) host.f[k] = ((const volatile float*)y_host)[i0 + k];
