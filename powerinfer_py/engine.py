@@ -147,6 +147,8 @@ def build_hybrid(ckpt: Checkpoint, device, dtype, budget: int | None = None, pre
         if device.type == "cuda" and all(np.all(m) for m in gpu_masks) and choose_dense_when_all_fits \
                 and budget >= ledger.dense_bytes + 2 * ledger.ffn_bytes_per_neuron * cfg.n_layers * cfg.n_ff:
             source += "; " + keep_faster_full_gpu_ffn(model, ckpt, gpu_masks, gpu_weight_type or dense_type, counters)
+            if not isinstance(model.layers[0].feed_forward, HybridFeedForward):
+                counters = None  # the dense FFN was kept: every neuron is served on the GPU
         if counters is not None:
             counters.reset()  # count the user's tokens only
     except torch.OutOfMemoryError:
@@ -288,6 +290,8 @@ def report(setup: HybridSetup, stats, load_s: float, log) -> None:
     log(f"FFN neurons on GPU: {hot}/{total} ({hot / total:.1%})")
     log(f"prompt: {stats.prompt_tokens} tokens, {stats.prompt_tps:.1f} tok/s; "
         f"generation: {stats.generated_tokens} tokens, {stats.generate_tps:.1f} tok/s")
+    if setup.counters is None and setup.budget:
+        log("GPU hit rate: 100% (every FFN neuron on the GPU, dense); CPU share of token time: 0%")
     if setup.counters is not None:
         wall = stats.prompt_seconds + stats.generate_seconds
         token_s = 1 / stats.generate_tps if stats.generate_tps else float("nan")

@@ -70,6 +70,9 @@ def test_gpu_engine_all_active_equals_dense_at_several_splits(gpu_share):
     setup.counters.reset()
     got, _ = Generator(setup.model, 128).generate(prompt, 64)
     assert got == want
+    if setup.counters is None:  # everything fit and the dense FFN measured faster: nothing to count
+        assert gpu_share == 1.0
+        return
     # every neuron active: the hit rate (counted on the GPU in prefill, by the CPU in decode) is the GPU share
     assert setup.counters.hit_rate == pytest.approx(sum(int(m.sum()) for m in masks) / (cfg.n_layers * cfg.n_ff))
 
