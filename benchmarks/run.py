@@ -2,7 +2,7 @@
 offload, the dense runtime on the GPU and the modelled bound, at the same VRAM budgets on the same model.
 
     python -m benchmarks.run --out results                          # every part (on the device)
-    python -m benchmarks.run --only 7b,70b --trace --out results    # some parts; one 7B decode step traced
+    python -m benchmarks.run --only 7b,70b --trace --out results    # some parts; a 7B decode step traced per budget
     python -m benchmarks.run --smoke --out /tmp/bench               # tiny shapes, any machine, seconds
 
 Parts: smollm2 (relu-smollm2-135m: real weights, predictors trained by `powerinfer-py train-predictors`,
@@ -178,7 +178,7 @@ class Suite:
                 row[f"decode_tps_cold_rows_{part.gpu_weight_type}"] = systems.bound(
                     problem, masks, self.bandwidths, part.gpu_weight_type)["decode_tps"]
             self.add("bound", base, **row, solver={"status": placement.status, "seconds": placement.solve_time_s})
-            trace = self.args.trace and part.key == "7b" and spec == part.budgets[-1]
+            trace = self.args.trace and part.key == "7b"
             self.measure("hybrid", base, lambda: self.hybrid(part, ckpt, budget, predictors, threshold, masks,
                                                              prompt, ppl_docs, trace), 3 * self.time_box)
             if "layer_split" in self.systems:
@@ -204,9 +204,9 @@ class Suite:
                                     self.time_box, self.device, before_timing=before_timing)
         row["gpuidx"] = gpuidx
         if trace:
-            path = os.path.join(self.args.out, f"trace-{part.name}.json")
-            self.results["timeline"] = {"trace": os.path.basename(path),
-                                        **trace_decode_step(setup.model, prompt, systems.CTX, path)}
+            path = os.path.join(self.args.out, f"trace-{part.name}-{budget >> 20}MiB.json")
+            self.results.setdefault("timeline", {})[str(budget)] = {
+                "trace": os.path.basename(path), **trace_decode_step(setup.model, prompt, systems.CTX, path)}
         return row
 
     # -- parts
@@ -435,7 +435,7 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default=None, help="scratch folder for generated models (default: /tmp/powerinfer-bench)")
     ap.add_argument("--deadline", type=float, default=540, help="seconds for the whole run; later systems are skipped")
     ap.add_argument("--time-box", type=float, default=None, help="seconds of timed generation per system (default 20)")
-    ap.add_argument("--trace", action="store_true", help="profile one hybrid decode step of the 7b part")
+    ap.add_argument("--trace", action="store_true", help="profile one hybrid decode step of the 7b part at each budget")
     ap.add_argument("--systems", default="layer_split,accelerate,dense",
                     help="baselines run beside the bound and the hybrid engine (comma-separated)")
     ap.add_argument("--regenerate", action="store_true", help="write the synthetic models again even if present")

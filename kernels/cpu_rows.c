@@ -259,6 +259,9 @@ static int64_t element_offset(int wt, int64_t c) {
 #ifndef PF_NEXT
 #define PF_NEXT 1
 #endif
+#ifndef PF_DOWN
+#define PF_DOWN 0
+#endif
 static void prefetch(const uint8_t* p, int64_t bytes) {
   for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(p + b, 0, PF_HINT);
 }
@@ -323,11 +326,12 @@ static void row_ffn(const rows_desc* r, int wt, int64_t j, const uint8_t* next_g
   float gbuf[CHUNK], ubuf[CHUNK];
   for (int c = 0; c < d; c += CHUNK) {
     const int len = d - c < CHUNK ? d - c : CHUNK;
+    const int64_t b0 = element_offset(wt, c), b1 = element_offset(wt, c + len);
     if (PF_NEXT && next_gate) {
-      const int64_t b0 = element_offset(wt, c), b1 = element_offset(wt, c + len);
       prefetch(next_gate + b0, b1 - b0);
       prefetch(next_up + b0, b1 - b0);
     }
+    if (PF_DOWN) prefetch(r->down + j * r->row_bytes + b0, b1 - b0);
     const float* gv = decode(grow, wt, c, len, gbuf);
     const float* uv = decode(urow, wt, c, len, ubuf);
     for (int t = 0; t < T; ++t) dot2(gv, uv, x + (int64_t)t * d + c, len, g + t, u + t);
