@@ -20,6 +20,13 @@ from torch import nn
 from kernels import FFNRows, sparse_ffn
 
 
+# Prompts of this many tokens or more take the cold rows to the GPU instead of computing them on the CPU (one
+# read of every cold row over PCIe beats the CPU's pass over the rows many tokens need; measured with
+# `python -m benchmarks.prefill`, BENCHMARKS.md). Staged in blocks of STREAM_BLOCK_BYTES; the ledger charges two.
+STREAM_MIN_TOKENS = 16
+STREAM_BLOCK_BYTES = 32 << 20
+
+
 class HostBuffers:
     """Pinned host buffers for the per-layer hand-off from the host, shared by all layers (a layer is done with
     them before the next one starts), grown to the longest call."""
@@ -97,6 +104,8 @@ class HybridFeedForward(nn.Module):
         if not self.splits:
             rows = self.gpu_rows if self.gpu_rows is not None else self.cpu_rows
             return sparse_ffn(x, rows, active, self.act, self.threshold).view(shape)
+        if x.shape[0] >= STREAM_MIN_TOKENS:
+            return (self.gpu_part(x, active) + self.streamed_part(x, active)).view(shape)
         self.send(x, active)
         self.copied.record()
         y = self.gpu_part(x, active)
@@ -119,6 +128,17 @@ class HybridFeedForward(nn.Module):
         if self.gpu_rows is None:
             return torch.zeros_like(x)
         return sparse_ffn(x, self.gpu_rows, active, self.act, self.threshold)
+
+    def streamed_part(self, x, active):
+        """The cold rows' share for many tokens, computed on the GPU: the rows are copied there block by block
+        (pinned memory, copies queued on the stream) and each block is multiplied like hot rows."""
+        y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        step = max(1, STREAM_BLOCK_BYTES // FFNRows.bytes_per_neuron(self.cpu_rows.d, self.cpu_rows.weight_type))
+        block_out = torch.empty_like(y)
+        for start in range(0, self.cpu_rows.m, step):
+            block = self.cpu_rows.block(start, start + step).to(x.device, non_blocking=True)
+            y += sparse_ffn(x, block, active, self.act, self.threshold, out=block_out)
+        return y.to(x.dtype)
 
     def cpu_part(self, T: int):
         """Wait for the copies of `send`, then compute the cold rows into the pinned output buffer."""
@@ -146,4 +166,7 @@ def split_rows(gate, up, down, gpu_mask: np.ndarray, device, weight_type: str):
             return None
         return FFNRows.pack(gate[idx], up[idx], down[:, idx].T, idx, dev, weight_type)
 
-    return pack(hot, device, weight_type), pack(cold, "cpu", weight_type)
+    cold_rows = pack(cold, "cpu", weight_type)
+    if cold_rows is not None and torch.device(device).type == "cuda":
+        cold_rows = cold_rows.pin_memory()  # long prompts stream them to the GPU (HybridFeedForward.streamed_part)
+    return pack(hot, device, weight_type), cold_rows

@@ -15,6 +15,7 @@ from kernels import FFNRows
 from powerinfer_py.config import ModelConfig
 from powerinfer_py.errors import BudgetError, InputError
 from powerinfer_py.generate import PREFILL_CHUNK
+from powerinfer_py.hybrid import STREAM_BLOCK_BYTES
 
 DENSE_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 # PowerInfer's order; "attention" includes attention_norm, "norm" is the FFN norms, "output" the final norm too.
@@ -141,6 +142,13 @@ def runtime_bytes(cfg: ModelConfig) -> int:
     return cfg.n_layers * (-(-cfg.n_ff // 512) * 512) + SMALL_BUFFERS_BYTES
 
 
+def stream_bytes(cfg: ModelConfig, bytes_per_neuron: int, tokens: int) -> int:
+    """A long prompt's cold rows on their way through the GPU (hybrid.HybridFeedForward.streamed_part): two
+    blocks of rows (the one computed, the next one copied; at most a layer's worth each) and two fp32 sums."""
+    block = min(STREAM_BLOCK_BYTES, cfg.n_ff * bytes_per_neuron)
+    return 2 * block + 2 * 4 * cfg.dim * tokens
+
+
 def vram_ledger(cfg: ModelConfig, weight_type: str, ffn_weight_type: str, ctx_len: int, batch: int,
                 predictor_ranks: list[int] | None, embeddings_on_gpu: bool = False,
                 graph_workspace_bytes: int = GRAPH_WORKSPACE_BYTES) -> Ledger:
@@ -190,4 +198,5 @@ def vram_ledger(cfg: ModelConfig, weight_type: str, ffn_weight_type: str, ctx_le
     items.append(LedgerItem("workspace.logits", 4 * batch * cfg.vocab_size, "workspace"))
     items.append(LedgerItem("workspace.graph", graph_workspace_bytes, "workspace"))
     items.append(LedgerItem("workspace.runtime", runtime_bytes(cfg), "workspace"))
+    items.append(LedgerItem("workspace.stream", stream_bytes(cfg, per_neuron, batch * prefill_tokens), "workspace"))
     return Ledger(cfg, items, per_neuron, weight_type, ffn_weight_type)

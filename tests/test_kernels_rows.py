@@ -55,3 +55,17 @@ def test_pack_rejects_integer_rows():
     with pytest.raises(TypeError, match="gate_rows"):
         FFNRows.pack(torch.ones(2, 32, dtype=torch.int32), torch.randn(2, 32), torch.randn(2, 32),
                      torch.tensor([0, 1]), "cpu", "f16")
+
+
+def test_a_block_is_its_rows_and_copies_keep_them():
+    rows = FFNRows.pack(*random_share(10, 64, 30), "cpu", "q8_0")
+    block = rows.block(3, 7)
+    assert torch.equal(block.neuron_idx, rows.neuron_idx[3:7]) and block.min_n_ff == int(rows.neuron_idx[6]) + 1
+    for a, b in zip(block.dense(), rows.dense()):
+        assert torch.equal(a, b[3:7])
+    copy = block.to("cpu")
+    assert all(torch.equal(a, b) for a, b in zip(copy.dense(), block.dense())) and copy.m == 4
+    if torch.cuda.is_available():
+        pinned = rows.pin_memory()
+        assert pinned.gate.is_pinned() and torch.equal(pinned.to("cuda", non_blocking=True).dense()[2].cpu(),
+                                                       rows.dense()[2])

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from powerinfer_py import hybrid
 from powerinfer_py.config import ModelConfig
 from powerinfer_py.engine import build_hybrid
 from powerinfer_py.generate import Generator
@@ -56,8 +57,9 @@ def test_cpu_engine_equals_dense_model_with_the_same_predictors():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("prompt_len", [4, 40])  # 40: the prefill streams the cold rows to the GPU
 @pytest.mark.parametrize("gpu_share", [0.0, 0.3, 0.7, 1.0])
-def test_gpu_engine_all_active_equals_dense_at_several_splits(gpu_share):
+def test_gpu_engine_all_active_equals_dense_at_several_splits(gpu_share, prompt_len):
     ckpt = random_checkpoint(CFG.replace(dim=128, n_ff=384, n_heads=4, head_dim=32))
     cfg = ckpt.config
     rng = np.random.default_rng(0)
@@ -65,7 +67,8 @@ def test_gpu_engine_all_active_equals_dense_at_several_splits(gpu_share):
     dense = build_model(ckpt, device="cuda", dtype=torch.float16)
     setup = build_hybrid(ckpt, "cuda", torch.float16, budget=1 << 30, gpu_masks=masks,
                          predictors=random_predictors(cfg, all_active=True))
-    prompt = [5, 17, 42, 7]
+    prompt = [5, 17, 42, 7] * (prompt_len // 4)
+    assert (prompt_len >= hybrid.STREAM_MIN_TOKENS) == (prompt_len == 40)
     want, _ = Generator(dense, 128).generate(prompt, 64)
     got, _ = Generator(setup.model, 128).generate(prompt, 64)
     assert got == want
@@ -95,5 +98,5 @@ def test_gpu_memory_stays_within_the_budget(tmp_path, ffn_share):
                          gpuidx=str(tmp_path / "model.gpuidx"))
     hot = sum(int(m.sum()) for m in setup.placement_masks)
     assert 0 <= ffn_share * cfg.n_layers * cfg.n_ff - hot < cfg.n_ff  # filled to within a layer (C_l > n_ff here)
-    Generator(setup.model, 256).generate(list(range(3, 19)), 64)
+    Generator(setup.model, 256).generate(list(range(3, 43)), 64)  # 40 tokens: the prefill streams cold rows
     assert torch.cuda.max_memory_allocated() - base <= budget

@@ -7,7 +7,8 @@ from powerinfer_py.errors import BudgetError, InputError
 from powerinfer_py.generate import PREFILL_CHUNK
 from powerinfer_py.model import Predictor, Transformer
 from solver import CATEGORIES, DENSE_DTYPES, parse_budget, vram_ledger
-from solver.ledger import workspace_bytes
+from powerinfer_py.hybrid import STREAM_BLOCK_BYTES
+from solver.ledger import stream_bytes, workspace_bytes
 
 CFG = ModelConfig(vocab_size=100, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, n_ff=96)
 RANKS = [8, 12]
@@ -80,6 +81,8 @@ def test_order_and_workspace():
     # a prefill chunk of min(PREFILL_CHUNK, ctx) tokens per sequence: the largest forward the engine runs
     assert work["workspace.activations"] == workspace_bytes(CFG, "f16", 32, 2 * min(PREFILL_CHUNK, 32), max(RANKS))
     assert work["workspace.logits"] == 4 * 2 * CFG.vocab_size
+    assert work["workspace.stream"] == stream_bytes(CFG, ledger.ffn_bytes_per_neuron, 2 * min(PREFILL_CHUNK, 32))
+    assert 0 < stream_bytes(CFG, 10 << 20, 1) - 8 * CFG.dim == 2 * STREAM_BLOCK_BYTES  # big neurons: two blocks
     assert workspace_bytes(CFG, "f16", 64, 2, 12) > workspace_bytes(CFG, "f16", 32, 2, 12)  # scores over ctx
     assert workspace_bytes(CFG, "f16", 32, 4, 12) == 2 * workspace_bytes(CFG, "f16", 32, 2, 12)
 
@@ -99,7 +102,7 @@ def test_ffn_budget_and_what_fits():
     msg = str(e.value)
     assert "\n" not in msg and "1 of 4 kv_cache tensors" in msg and "not kv_cache, workspace" in msg
     placed, unplaced, left = ledger.fit(kv_start + kv_item)
-    assert [i.category for i in unplaced] == ["kv_cache"] * 3 + ["workspace"] * 4 and left == 0 and sum(i.bytes for i in placed) == kv_start + kv_item
+    assert [i.category for i in unplaced] == ["kv_cache"] * 3 + ["workspace"] * 5 and left == 0 and sum(i.bytes for i in placed) == kv_start + kv_item
 
 
 def test_bad_arguments():
