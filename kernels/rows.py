@@ -87,7 +87,7 @@ class FFNRows:
         return (3 if gated else 2) * row_bytes(d, weight_type) + 8
 
     @classmethod
-    def pack(cls, gate_rows, up_rows, down_t_rows, neuron_idx, device, weight_type) -> "FFNRows":
+    def pack(cls, gate_rows, up_rows, down_t_rows, neuron_idx, device, weight_type) -> FFNRows:
         device = torch.device(device)
         if device.type not in ("cpu", "cuda"):
             raise ValueError(f"device: expected 'cpu' or 'cuda', got {device}")
@@ -111,19 +111,19 @@ class FFNRows:
         min_n_ff = int(neuron_idx[-1]) + 1 if m else 0
         return cls(*packed, neuron_idx.to(device).contiguous(), d, weight_type, min_n_ff)
 
-    def block(self, start: int, stop: int) -> "FFNRows":
+    def block(self, start: int, stop: int) -> FFNRows:
         """Rows [start, stop) as FFNRows (views)."""
         idx = self.neuron_idx[start:stop]
         return FFNRows(self.gate[start:stop], self.up[start:stop], self.down_t[start:stop], idx, self.d,
                        self.weight_type, int(idx[-1]) + 1 if idx.numel() else 0)
 
-    def to(self, device, non_blocking: bool = False) -> "FFNRows":
+    def to(self, device, non_blocking: bool = False) -> FFNRows:
         """A copy on `device` (from pinned memory, non_blocking copies overlap the host)."""
         gate, up, down_t, idx = (t.to(device, non_blocking=non_blocking)
                                  for t in (self.gate, self.up, self.down_t, self.neuron_idx))
         return FFNRows(gate, up, down_t, idx, self.d, self.weight_type, self.min_n_ff)
 
-    def pin_memory(self) -> "FFNRows":
+    def pin_memory(self) -> FFNRows:
         """A copy in page-locked host memory: copies to a GPU then run at PCIe speed (pageable: about a sixth)."""
         gate, up, down_t, idx = (t.pin_memory() for t in (self.gate, self.up, self.down_t, self.neuron_idx))
         return FFNRows(gate, up, down_t, idx, self.d, self.weight_type, self.min_n_ff)

@@ -19,7 +19,6 @@ from torch import nn
 
 from kernels import FFNRows, sparse_ffn
 
-
 # Prompts of this many tokens or more take the cold rows to the GPU instead of computing them on the CPU (one
 # read of every cold row over PCIe beats the CPU's pass over the rows many tokens need; measured with
 # `python -m benchmarks.prefill`, BENCHMARKS.md). Staged in blocks of STREAM_BLOCK_BYTES; the ledger charges two.
