@@ -14,6 +14,7 @@ import time
 import torch
 
 from benchmarks.common import machine_info, write_json
+from benchmarks.systems import CTX
 from powerinfer_py import hybrid
 from powerinfer_py.engine import build_hybrid
 from powerinfer_py.generate import Generator
@@ -50,8 +51,8 @@ def main(argv=None) -> int:
         budget = int(gpuidx.split(".")[-2])
         torch.cuda.empty_cache()
         setup = build_hybrid(ckpt, "cuda", torch.float16, budget, ckpt.predictors, ckpt.config.sparse_threshold,
-                             ctx_len=1024, gpuidx=gpuidx)
-        gen = Generator(setup.model, 1024)
+                             ctx_len=CTX, gpuidx=gpuidx)
+        gen = Generator(setup.model, CTX)
         rows = []
         print(f"budget {budget / 2**30:.2f} GiB: prompt tokens/s, cold rows on the CPU | streamed to the GPU")
         for n in LENGTHS:
