@@ -138,7 +138,7 @@ def build_model(ckpt: Checkpoint, device="cpu", dtype=torch.float32, skip=(), pr
 
 def install_predictors(model: Transformer, layers: list[dict], threshold: float) -> None:
     """Attach one Predictor per layer (weights in the model's dtype and on its device)."""
-    weight = model.layers[0].attention.wq.weight
+    weight = model.layers[0].attention.wqkv.weight
     for block, sd in zip(model.layers, layers):
         r, dim = sd["fc1.weight"].shape
         with torch.device("meta"):

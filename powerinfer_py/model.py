@@ -98,7 +98,7 @@ def rope_cos_sin(cfg: ModelConfig, inv_freq: torch.Tensor, scale: float, input_p
 
 
 def apply_rope(x, cos, signed_sin):
-    """Rotate-half RoPE (Hugging Face layout), x: (B, H, T, hd). rotate_half(x) * sin equals
+    """Rotate-half RoPE (Hugging Face layout) on the last dimension of x. rotate_half(x) * sin equals
     roll(x, hd/2) * signed_sin with the first half of sin negated: three kernels instead of six."""
     return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), signed_sin)
 
@@ -118,22 +118,40 @@ class KVCache(nn.Module):
         return self.k, self.v
 
 
+QKV = ("wq", "wk", "wv")
+
+
 class Attention(nn.Module):
+    """q, k and v come from one matrix `wqkv` (one matrix-vector product a token, and RoPE on q and k at once);
+    state dicts keep Llama's separate wq/wk/wv, merged on load and split on save."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.dim, cfg.kv_dim, bias=False)
-        self.wv = nn.Linear(cfg.dim, cfg.kv_dim, bias=False)
+        self.qkv_sizes = (cfg.n_heads * cfg.head_dim, cfg.kv_dim, cfg.kv_dim)
+        self.wqkv = nn.Linear(cfg.dim, sum(self.qkv_sizes), bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
         self.kv_cache: KVCache | None = None
+        self._register_load_state_dict_pre_hook(self._merge_qkv)
+        self._register_state_dict_hook(Attention._split_qkv)
+
+    def _merge_qkv(self, state, prefix, *args):
+        if all(prefix + w + ".weight" in state for w in QKV):
+            state[prefix + "wqkv.weight"] = torch.cat([state.pop(prefix + w + ".weight") for w in QKV])
+
+    @staticmethod
+    def _split_qkv(module, state, prefix, local_metadata):
+        wqkv = state.pop(prefix + "wqkv.weight")
+        for w, part in zip(QKV, wqkv.split(module.qkv_sizes)):
+            state[prefix + w + ".weight"] = part
 
     def forward(self, x, cos, sin, input_pos, kv_len: int | None, mask=None):
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q_dim, kv_dim, _ = self.qkv_sizes
+        qkv = self.wqkv(x)
+        qk = apply_rope(qkv[..., : q_dim + kv_dim].view(B, T, -1, self.head_dim), cos[:, None], sin[:, None])
+        q, k = qk.transpose(1, 2).split((self.n_heads, self.n_kv_heads), dim=1)
+        v = qkv[..., q_dim + kv_dim:].view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if mask is None:  # no cache: plain causal attention over this call's tokens
             y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=True)
         else:

@@ -174,9 +174,7 @@ def vram_ledger(cfg: ModelConfig, weight_type: str, ffn_weight_type: str, ctx_le
     for i in range(cfg.n_layers):
         p = f"layers.{i}."
         add(p + "attention_norm.weight", d, "attention", i)
-        add(p + "attention.wq.weight", q_dim * d, "attention", i)
-        add(p + "attention.wk.weight", kv_dim * d, "attention", i)
-        add(p + "attention.wv.weight", kv_dim * d, "attention", i)
+        add(p + "attention.wqkv.weight", (q_dim + 2 * kv_dim) * d, "attention", i)
         add(p + "attention.wo.weight", d * q_dim, "attention", i)
     for i, r in enumerate(predictor_ranks or []):
         add(f"layers.{i}.predictor.fc1.weight", r * d, "predictor", i)

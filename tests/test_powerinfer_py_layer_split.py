@@ -63,7 +63,7 @@ def test_cuda_split_matches_dense_cuda():
     ckpt = random_checkpoint(CFG)
     dense = build_model(ckpt, device="cuda", dtype=torch.float16)
     split = build_layer_split(ckpt, 2)
-    assert split.layers[1].attention.wq.weight.is_cuda and not split.layers[2].attention.wq.weight.is_cuda
+    assert split.layers[1].attention.wqkv.weight.is_cuda and not split.layers[2].attention.wqkv.weight.is_cuda
     tokens = torch.randint(0, CFG.vocab_size, (1, 12))
     with torch.no_grad():
         want, got = dense(tokens.cuda()).cpu(), split(tokens.cuda())

@@ -79,3 +79,18 @@ def test_config_from_transformers_5_rope_parameters():
                                "rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 5e5}})
     assert cfg.rope_theta == 5e5 and cfg.rope_scaling == {"rope_type": "linear", "factor": 2.0}
     assert cfg.ffn_act == "relu" and cfg.n_kv_heads == 2 and cfg.head_dim == 16
+
+
+def test_state_dicts_keep_separate_q_k_v():
+    """wqkv is merged from wq/wk/wv on load and split back on save: checkpoints and exports keep Llama's names."""
+    from powerinfer_py.model import Transformer
+
+    cfg = ModelConfig(vocab_size=32, dim=24, n_layers=2, n_heads=4, n_kv_heads=2, n_ff=40, ffn_act="relu")
+    torch.manual_seed(0)
+    state = Transformer(cfg).state_dict()
+    assert "layers.0.attention.wq.weight" in state and not any("wqkv" in name for name in state)
+    assert state["layers.1.attention.wk.weight"].shape == (cfg.kv_dim, cfg.dim)
+    state = {name: torch.randn_like(t) for name, t in state.items()}
+    model = Transformer(cfg)
+    model.load_state_dict(state)
+    assert all(torch.equal(t, state[name]) for name, t in model.state_dict().items())
