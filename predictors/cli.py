@@ -43,6 +43,9 @@ def register(subparsers) -> None:
     p.add_argument("-o", "--output", required=True, help="predictor folder (model_{i}.pt, config.json)")
     defaults = TrainConfig()
     p.add_argument("--target-recall", type=float, default=defaults.target_recall)
+    p.add_argument("--max-error", type=float, default=defaults.max_error,
+                   help="bound on each layer's output error from missed activations, relative to the residual "
+                        "(inf: recall alone sets the threshold)")
     p.add_argument("--max-active-ratio", type=float, default=defaults.max_active_ratio,
                    help="grow a layer's predictor until predicted/true active fraction is at most this")
     p.add_argument("--min-rank", type=int, default=defaults.min_rank)
@@ -91,8 +94,9 @@ def _profile_into(args, model, tokenizer, folder: str, dump: bool, min_tokens: i
     stats["mean_sparsity"] = sum(layer["sparsity"] for layer in stats["layers"]) / len(stats["layers"])
     with open(os.path.join(folder, "stats.json"), "w") as f:
         json.dump(stats, f, indent=2)
+    note = " (interrupted: kept what was counted)" if interrupted else ""
     _log(f"profile: {profiler.tokens} tokens in {seconds:.1f} s ({profiler.tokens / seconds:.0f} tok/s), "
-         f"mean sparsity {stats['mean_sparsity']:.3f}" + (" (interrupted: kept what was counted)" if interrupted else ""))
+         f"mean sparsity {stats['mean_sparsity']:.3f}{note}")
     return profiler, interrupted
 
 
@@ -108,36 +112,33 @@ def cmd_profile(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from powerinfer_py.cli import load_for_cli, resolve_device_dtype
+    from powerinfer_py.cli import load_for_cli
     from powerinfer_py.formats import save_predictors
-    from powerinfer_py.loader import read_config
 
     check_writable(args.output, args.force)
-    cfg = TrainConfig(target_recall=args.target_recall, max_active_ratio=args.max_active_ratio,
-                      min_rank=args.min_rank, max_rank=args.max_rank, epochs=args.epochs,
-                      batch_size=args.batch_size, seed=args.seed)
+    cfg = TrainConfig(target_recall=args.target_recall, max_error=args.max_error,
+                      max_active_ratio=args.max_active_ratio, min_rank=args.min_rank, max_rank=args.max_rank,
+                      epochs=args.epochs, batch_size=args.batch_size, seed=args.seed)
     t0 = time.perf_counter()
+    ckpt, model, _ = load_for_cli(args)  # its FFNs score each layer's missed-activation error
+    model_cfg = ckpt.config
     with contextlib.ExitStack() as stack:
         if os.path.isdir(args.data):
-            model_cfg = read_config(args.model)
-            device, _ = resolve_device_dtype(args)
             dataset = PredictorDataset(_dataset_folder(args.data))
-            if (dataset.n_layers, dataset.dim, dataset.n_ff) != (model_cfg.n_layers, model_cfg.dim, model_cfg.n_ff):
-                raise InputError(f"{args.data}: dataset is for {dataset.n_layers} layers, dim {dataset.dim}, "
-                                 f"n_ff {dataset.n_ff}; the model has {model_cfg.n_layers}, {model_cfg.dim}, {model_cfg.n_ff}")
+            shape = (model_cfg.n_layers, model_cfg.dim, model_cfg.n_ff)
+            if (dataset.n_layers, dataset.dim, dataset.n_ff) != shape:
+                raise InputError(f"{args.data}: dataset is for (layers, dim, n_ff) = "
+                                 f"{(dataset.n_layers, dataset.dim, dataset.n_ff)}, the model has {shape}")
         else:  # profile on the fly into a scratch folder beside the output
-            ckpt, model, _ = load_for_cli(args)
-            device = model.tok_embeddings.weight.device
             scratch = stack.enter_context(tempfile.TemporaryDirectory(
                 prefix=".profile.", dir=os.path.dirname(os.path.abspath(args.output))))
             _, interrupted = _profile_into(args, model, ckpt.tokenizer, scratch, dump=True,
                                            min_tokens=MIN_TRAIN_TOKENS, task=TRAIN_TASK)
             if interrupted:
                 raise KeyboardInterrupt
-            del ckpt, model
             dataset = PredictorDataset(os.path.join(scratch, DATASET))
         _check_tokens(args.data, dataset.tokens, MIN_TRAIN_TOKENS, TRAIN_TASK)
-        layers, threshold, report = train_predictors(dataset, cfg, device)
+        layers, threshold, report = train_predictors(dataset, cfg, model.tok_embeddings.weight.device, model)
     report["seconds"] = time.perf_counter() - t0
     with atomic_dir(args.output, args.force) as tmp:
         save_predictors(tmp, layers, threshold)

@@ -78,9 +78,11 @@ class PredictorDataset:
         self.n_layers, self.dim, self.n_ff = self.meta["n_layers"], self.meta["dim"], self.meta["n_ff"]
         self.tokens = self.meta["tokens"]
         self.active_threshold = self.meta.get("active_threshold", 0.0)
+        row_bytes = {_inputs_path: 2 * self.dim, _masks_path: (self.n_ff + 7) // 8}
         for i in range(self.n_layers):
-            for path, row_bytes in ((_inputs_path(folder, i), 2 * self.dim), (_masks_path(folder, i), (self.n_ff + 7) // 8)):
-                if not os.path.exists(path) or os.path.getsize(path) != self.tokens * row_bytes:
+            for name, size in row_bytes.items():
+                path = name(folder, i)
+                if not os.path.exists(path) or os.path.getsize(path) != self.tokens * size:
                     raise InputError(f"{path}: missing or truncated (expected {self.tokens} rows)")
 
     def inputs(self, layer: int) -> np.ndarray:

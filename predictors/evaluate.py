@@ -107,18 +107,20 @@ def _decode_times(model, preds, inputs, reps: int = 30) -> dict:
 
 
 def format_table(result: dict) -> str:
-    head = f"{'layer':>5} {'rank':>5} {'recall':>7} {'precis':>7} {'true':>6} {'pred':>6} {'ratio':>6} {'params':>7} {'time':>6}"
-    rows = [head]
+    rows = ["layer  rank  recall  precis   true   pred  ratio  params   time"]
     for r in result["layers"]:
-        rows.append(f"{r['layer']:>5} {r['rank']:>5} {r['recall']:>7.4f} {r['precision']:>7.4f} {r['true_active']:>6.3f} "
-                    f"{r['predicted_active']:>6.3f} {r['active_ratio']:>6.3f} {r['param_share']:>7.2%} {r['time_share']:>6.1%}")
+        rows.append(f"{r['layer']:>5} {r['rank']:>5} {r['recall']:>7.4f} {r['precision']:>7.4f} "
+                    f"{r['true_active']:>6.3f} {r['predicted_active']:>6.3f} {r['active_ratio']:>6.3f} "
+                    f"{r['param_share']:>7.2%} {r['time_share']:>6.1%}")
     rows.append(f"mean recall {result['mean_recall']:.4f} (min {result['min_recall']:.4f}); predicted/true active "
-                f"{result['mean_active_ratio']:.3f}x per layer on average ({result['overall_active_ratio']:.3f}x overall); "
-                f"predictor params {result['param_share']:.2%} of FFN, time {result['time_share_of_forward']:.1%} of a forward")
+                f"{result['mean_active_ratio']:.3f}x per layer on average ({result['overall_active_ratio']:.3f}x "
+                f"overall); predictor params {result['param_share']:.2%} of FFN, time "
+                f"{result['time_share_of_forward']:.1%} of a forward")
     if "profiled_hot" in result["layers"][0]:
         hot = [r["profiled_hot"] for r in result["layers"]]
         rows.append(f"profiled hot neurons ({sum(h['neurons'] for h in hot) / len(hot):.1%} of each layer, carrying "
-                    f"{HOT_SHARE:.0%} of the profiled activations) carry {sum(h['share_here'] for h in hot) / len(hot):.1%} here")
+                    f"{HOT_SHARE:.0%} of the profiled activations) carry "
+                    f"{sum(h['share_here'] for h in hot) / len(hot):.1%} here")
     rows.append(f"perplexity: dense {result['dense']['ppl']:.4f}, predicted sparsity {result['sparse']['ppl']:.4f} "
                 f"({result['ppl_increase']:+.2%}) over {result['dense']['tokens']} tokens")
     return "\n".join(rows)
@@ -132,7 +134,8 @@ def evaluate_cli(args, ckpt, model, documents) -> int:
     if activations:
         activations = load_activations(activations, cfg.n_layers, cfg.n_ff)
     result = evaluate_predictors(model, ckpt.tokenizer, documents, layers, threshold, window=args.window,
-                                 active_threshold=getattr(args, "fatrelu_threshold", 0.0), activations=activations)
+                                 active_threshold=getattr(args, "fatrelu_threshold", 0.0),
+                                 activations=activations)
     print(format_table(result))
     print(json.dumps(result))
     return 0

@@ -7,8 +7,8 @@ import torch.nn.functional as F
 
 from powerinfer_py.model import Predictor
 from predictors.metrics import confusion_counts, confusion_rates
-from predictors.train import (GLOBAL_THRESHOLD, TrainConfig, bce_grad, calibrate_threshold, fold_thresholds,
-                              heldout_split, initial_rank, train_layer)
+from predictors.train import (GLOBAL_THRESHOLD, MissedError, TrainConfig, bce_grad, calibrate_threshold,
+                              fold_thresholds, heldout_split, initial_rank, train_layer)
 
 
 def planted_problem(n_tokens, seed, dim=24, n_ff=40, rank=6, lean=0.5):
@@ -127,3 +127,42 @@ def test_training_on_cuda_reaches_its_recall():
     state, threshold, report = train_layer(inputs.cuda(), masks.cuda(), cfg)
     assert report["heldout"]["recall"] >= 0.95 and report["heldout"]["active_ratio"] < 1.3
     assert state["fc1.weight"].is_cuda
+
+
+def tiny_block(seed=0):
+    from powerinfer_py.config import ModelConfig
+    from powerinfer_py.model import Transformer
+
+    torch.manual_seed(seed)
+    cfg = ModelConfig(vocab_size=16, dim=24, n_layers=1, n_heads=4, n_kv_heads=2, n_ff=40, ffn_act="relu")
+    return Transformer(cfg).eval().layers[0]
+
+
+def test_missed_error_matches_a_float64_reference():
+    block = tiny_block()
+    g = torch.Generator().manual_seed(5)
+    p, logits = torch.randn(50, 24, generator=g) * 3, torch.randn(50, 40, generator=g)
+    rows = torch.arange(0, 50, 2)
+    got = MissedError(block, p, rows)(logits, 0.3)
+
+    ff = block.feed_forward.double()
+    x = p[rows].double()
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + block.ffn_norm.eps) * block.ffn_norm.weight.double()
+    act = ff.activation(x)
+    dy = ff.w_down(act * (logits[rows] < 0.3))
+    expected = (dy.pow(2).sum(-1) / (p[rows].double() + ff.w_down(act)).pow(2).sum(-1)).mean().item()
+    assert abs(got - expected) < 1e-5 * expected
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_error_bound_lowers_the_threshold_until_it_holds(one_thread, device):
+    block = tiny_block().to(device)
+    inputs = torch.randn(5000, 24, generator=torch.Generator().manual_seed(6)).to(device)
+    with torch.no_grad():
+        masks = block.feed_forward.activation(block.ffn_norm(inputs)) != 0
+    cfg = TrainConfig(min_rank=8, max_rank=8, epochs=3, batch_size=256, max_error=math.inf)
+    _, free_threshold, free = train_layer(inputs, masks, cfg, block)
+    bound = free["heldout"]["missed_error"] / 4
+    _, threshold, bounded = train_layer(inputs, masks, dataclasses.replace(cfg, max_error=bound), block)
+    assert threshold < free_threshold and bounded["heldout"]["missed_error"] <= bound
+    assert bounded["heldout"]["recall"] > free["heldout"]["recall"] >= 0.95
