@@ -1,7 +1,7 @@
 """Peak GPU memory of the hybrid engine against its VRAM budget, stage by stage, with the largest live
 allocations at the peak (torch's memory history), on a random model of a real shape.
 
-    python -m benchmarks.memory_check [--shape smollm2-135m] [--gpu-share 0.5] [--prompt 64] [--new 32]
+    python -m benchmarks.memory_check [--shape smollm2-135m] [--gpu-share 0.5] [--prompt 64] [--new 32] [--window 512]
 """
 from __future__ import annotations
 
@@ -25,6 +25,8 @@ def main(argv=None):
     ap.add_argument("--prompt", type=int, default=64)
     ap.add_argument("--new", type=int, default=32)
     ap.add_argument("--rank", type=int, default=128)
+    ap.add_argument("--window", type=int, default=512,
+                    help="tokens of a stand-alone causal pass first, as perplexity runs it (0: none)")
     args = ap.parse_args(argv)
     cfg = SHAPES[args.shape]
     with torch.device("meta"):
@@ -47,6 +49,10 @@ def main(argv=None):
     setup = build_hybrid(ckpt, "cuda", torch.float16, budget, preds, 0.0, gpu_masks=[m.numpy() for m in masks],
                          ctx_len=512)
     stage("built")
+    if args.window:
+        with torch.inference_mode():
+            setup.model(torch.arange(100, 100 + args.window, device="cuda")[None])
+        stage("no-cache pass")
     gen = Generator(setup.model, max_len=512)
     stage("caches")
     with torch.inference_mode():
