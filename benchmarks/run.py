@@ -194,14 +194,14 @@ class Suite:
                          lambda: systems.dense(ckpt, prompt, self.time_box, self.device), 2 * self.time_box)
 
     def hybrid(self, part, ckpt, budget, predictors, threshold, masks, prompt, ppl_docs, trace) -> dict:
-        def before_timing(model):
+        def after_timing(model):
             return {"ppl": perplexity(model, ckpt.tokenizer, ppl_docs, systems.CTX, progress=False)["ppl"]} \
                 if ppl_docs else {}
 
         name = os.path.basename(ckpt.path.rstrip("/"))  # beside the synthetic model, as PowerInfer keeps it
         gpuidx = os.path.join(self.args.work, part.name, f"{name}.{budget}.gpuidx")
         row, setup = systems.hybrid(ckpt, budget, predictors, threshold, masks, gpuidx, part.gpu_weight_type, prompt,
-                                    self.time_box, self.device, before_timing=before_timing)
+                                    self.time_box, self.device, after_timing=after_timing)
         row["gpuidx"] = gpuidx
         if trace:
             path = os.path.join(self.args.out, f"trace-{part.name}-{budget >> 20}MiB.json")

@@ -39,11 +39,15 @@ MIN_NEW, MAX_NEW = 4, 128
 INTERNAL_TO_HF = {v: k for k, v in HF_TO_INTERNAL.items()}
 
 
-def free_memory():
+def free_memory() -> int:
+    """Free what earlier systems left and restart the peak count; returns the bytes still allocated (earlier
+    systems' cuBLAS workspaces, one per stream, stay for the process's life), the baseline of peak_gpu_bytes."""
     gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+    if not torch.cuda.is_available():
+        return 0
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    return torch.cuda.memory_allocated()
 
 
 def _sync():
@@ -100,8 +104,9 @@ def time_hf(model, prompt: list[int], time_box: float) -> dict:
     return summarize(runs, new)
 
 
-def peak_gpu_bytes() -> int | None:
-    return torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
+def peak_gpu_bytes(base: int) -> int | None:
+    """The system's GPU memory: the peak allocated since free_memory() returned `base`, less `base`."""
+    return torch.cuda.max_memory_allocated() - base if torch.cuda.is_available() else None
 
 
 # ---------------------------------------------------------------------------------------------- systems
@@ -119,39 +124,38 @@ def solve(ledger, counts, tokens: float, budget: int, bandwidths, time_limit: fl
 
 
 def hybrid(ckpt, budget: int, predictors, threshold: float, masks, gpuidx: str, gpu_weight_type: str,
-           prompt, time_box: float, device, dtype=torch.float16, before_timing=None) -> dict:
-    """This engine, reading the placement from a PowerInfer .gpuidx written for the budget.
-    before_timing(model) runs on the fresh model first (perplexity needs a model without a KV cache)."""
+           prompt, time_box: float, device, dtype=torch.float16, after_timing=None) -> dict:
+    """This engine, reading the placement from a PowerInfer .gpuidx written for the budget. The peak GPU memory
+    covers loading and generation (a `powerinfer-py run`); after_timing(model) runs afterwards (perplexity: its
+    windows' full logits are evaluation's memory, not the engine's)."""
     write_gpuidx(gpuidx, masks, budget, force=True)
-    free_memory()
+    base = free_memory()
     t0 = time.perf_counter()
     setup = build_hybrid(ckpt, device, dtype if device == "cuda" else torch.float32, budget, predictors, threshold,
                          gpu_weight_type=gpu_weight_type, ctx_len=CTX, gpuidx=gpuidx)
     build_s = time.perf_counter() - t0
-    extra = before_timing(setup.model) if before_timing else {}
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()  # the peak of decoding, not of the perplexity pass
     row = time_generator(setup.model, prompt, time_box)
+    row["gpu_peak_bytes"] = peak_gpu_bytes(base)
+    if setup.counters is not None:
+        row["gpu_hit_rate"] = setup.counters.hit_rate  # of the timed generations (and their warm-up)
+    extra = after_timing(setup.model) if after_timing else {}
     hot = sum(int(np.sum(m)) for m in setup.placement_masks)
     total = ckpt.config.n_layers * ckpt.config.n_ff
-    row.update(extra, build_s=build_s, placement=setup.placement_source, gpu_neuron_share=hot / total,
-               gpu_peak_bytes=peak_gpu_bytes())
+    row.update(extra, build_s=build_s, placement=setup.placement_source, gpu_neuron_share=hot / total)
     row["cold_row_type"] = next((layer.feed_forward.cpu_rows.weight_type for layer in setup.model.layers
                                  if getattr(layer.feed_forward, "cpu_rows", None) is not None), None)
-    if setup.counters is not None:
-        row["gpu_hit_rate"] = setup.counters.hit_rate
     return row, setup
 
 
 def layer_split(ckpt, budget: int, prompt, time_box: float, device, dtype=torch.float16) -> dict:
-    free_memory()
+    base = free_memory()
     n = gpu_layers_for_budget(ckpt.config, budget, dtype, CTX)
     t0 = time.perf_counter()
     model = build_layer_split(ckpt, n, dtype, device) if device == "cuda" else \
         build_layer_split(ckpt, n, torch.float32, "cpu")
     build_s = time.perf_counter() - t0
     row = time_generator(model, prompt, time_box, use_graph=n == ckpt.config.n_layers)
-    row.update(build_s=build_s, gpu_layers=n, gpu_peak_bytes=peak_gpu_bytes())
+    row.update(build_s=build_s, gpu_layers=n, gpu_peak_bytes=peak_gpu_bytes(base))
     return row
 
 
@@ -173,7 +177,7 @@ def accelerate_offload(ckpt, budget: int, prompt, time_box: float, dtype=torch.f
     fit on the CPU and copies their weights to the GPU for every forward."""
     import accelerate
 
-    free_memory()
+    base = free_memory()
     t0 = time.perf_counter()
     model = hf_model(ckpt, dtype)
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -184,17 +188,17 @@ def accelerate_offload(ckpt, budget: int, prompt, time_box: float, dtype=torch.f
     row = time_hf(model, prompt, time_box)
     placed = list(device_map.values())
     row.update(build_s=build_s, modules_on_gpu=sum(d == 0 for d in placed),
-               modules_offloaded=sum(d == "cpu" for d in placed), gpu_peak_bytes=peak_gpu_bytes())
+               modules_offloaded=sum(d == "cpu" for d in placed), gpu_peak_bytes=peak_gpu_bytes(base))
     return row
 
 
 def dense(ckpt, prompt, time_box: float, device, dtype=torch.float16) -> dict:
-    free_memory()
+    base = free_memory()
     t0 = time.perf_counter()
     model = build_model(ckpt, device=device, dtype=dtype if device == "cuda" else torch.float32)
     build_s = time.perf_counter() - t0
     row = time_generator(model, prompt, time_box)
-    row.update(build_s=build_s, gpu_peak_bytes=peak_gpu_bytes())
+    row.update(build_s=build_s, gpu_peak_bytes=peak_gpu_bytes(base))
     return row
 
 
