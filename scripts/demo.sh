@@ -1,4 +1,4 @@
 #!/usr/bin/env bash
 # The main job on the embedded demo model: set up .venv (first run only), then the whole pipeline.
 source "$(dirname "$0")/env.sh"
-exec powerinfer-py demo "$@"
+exec python -m powerinfer_py.cli demo "$@"
