@@ -48,7 +48,10 @@ class Generator:
         self.max_len = max_len
         self.prefill_chunk = prefill_chunk
         model.setup_caches(1, max_len)
-        self.use_graph = use_cuda_graph and self.device.type == "cuda"
+        # a split model's decode graph needs the kernels.Handoff (without one, each split layer waits on the host)
+        host_steps = any(getattr(layer.feed_forward, "splits", False) for layer in model.layers) \
+            and getattr(model, "handoff", None) is None
+        self.use_graph = use_cuda_graph and self.device.type == "cuda" and not host_steps
         self.graphs = {}  # attended cache length -> replay function of its captured step
         # all GPU work on one stream of our own: graph capture needs a side stream, and every stream that runs a
         # matrix product holds a cuBLAS workspace (the VRAM ledger charges one)

@@ -80,6 +80,22 @@ def test_gpu_engine_all_active_equals_dense_at_several_splits(gpu_share, prompt_
 
 
 @pytest.mark.gpu
+def test_gpu_engine_without_c_kernels_decodes_eagerly(monkeypatch):
+    """No C compiler: no hand-off, so split layers wait on the host and decode runs without CUDA graphs."""
+    from powerinfer_py import engine
+
+    monkeypatch.setattr(engine, "native_library", lambda: None)
+    ckpt = random_checkpoint(CFG.replace(dim=128, n_ff=384, n_heads=4, head_dim=32))
+    masks = [np.arange(ckpt.config.n_ff) % 2 == 0 for _ in range(ckpt.config.n_layers)]
+    setup = build_hybrid(ckpt, "cuda", torch.float16, budget=1 << 30, gpu_masks=masks,
+                         predictors=random_predictors(ckpt.config, all_active=True))
+    gen = Generator(setup.model, 128)
+    assert setup.model.handoff is None and not gen.use_graph
+    want, _ = Generator(build_model(ckpt, device="cuda", dtype=torch.float16), 128).generate([5, 17, 42], 32)
+    assert gen.generate([5, 17, 42], 32)[0] == want
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("ffn_share", [0.0, 0.4, 1.0])
 def test_gpu_memory_stays_within_the_budget(tmp_path, ffn_share):
     from powerinfer_py.formats import save_activations
