@@ -129,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window", type=int, default=1024)
     p.add_argument("--max-docs", type=int, default=None, help="score only the first N documents")
     p.add_argument("--predictors", default=None, help="also evaluate a predictor folder (recall, sparse ppl)")
+    p.add_argument("--activations", default=None,
+                   help="with --predictors: an activation folder (activation_{i}.pt, PowerInfer's or ours); "
+                        "reports how much of this text's activity its profiled hot neurons carry")
     p.set_defaults(func=cmd_eval)
 
     import convert.cli

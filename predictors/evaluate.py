@@ -130,9 +130,7 @@ def evaluate_cli(args, ckpt, model, documents) -> int:
     """`powerinfer-py eval --predictors DIR`: the per-layer table, then one JSON line with every number."""
     cfg = ckpt.config
     layers, threshold = load_predictors(args.predictors, cfg.n_layers, cfg.dim, cfg.n_ff)
-    activations = getattr(args, "activations", None)
-    if activations:
-        activations = load_activations(activations, cfg.n_layers, cfg.n_ff)
+    activations = load_activations(args.activations, cfg.n_layers, cfg.n_ff) if args.activations else None
     result = evaluate_predictors(model, ckpt.tokenizer, documents, layers, threshold, window=args.window,
                                  active_threshold=getattr(args, "fatrelu_threshold", 0.0),
                                  activations=activations)

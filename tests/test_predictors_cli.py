@@ -111,15 +111,18 @@ def test_silu_model_is_refused_without_a_threshold(tmp_path, text_file, capsys):
                  "--fatrelu-threshold", "0.01"]) == 0
 
 
-def test_eval_with_predictors_prints_the_table_and_json(tiny_model, tmp_path, capsys):
+def test_eval_with_predictors_prints_the_table_and_json(tiny_model, profile_dir, tmp_path, capsys):
     write_predictors(str(tmp_path / "pred"))
     data = tmp_path / "docs.txt"
     data.write_text("The quick brown fox.\n\nSparse inference keeps hot neurons on the GPU.\n")
-    assert main(["eval", "-m", tiny_model, "--data", str(data), "--predictors", str(tmp_path / "pred")]) == 0
+    assert main(["eval", "-m", tiny_model, "--data", str(data), "--predictors", str(tmp_path / "pred"),
+                 "--activations", profile_dir]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert out[0].split()[:3] == ["layer", "rank", "recall"] and "perplexity: dense" in out[-2]
+    assert out[-3].startswith("profiled hot neurons")  # the activation files' hot set, on this text
     result = json.loads(out[-1])
     assert result["threshold"] == 0.25 and len(result["layers"]) == 2 and result["dense"]["ppl"] > 1
+    assert all(0 < layer["profiled_hot"]["share_here"] <= 1 for layer in result["layers"])
 
 
 @pytest.mark.parametrize("n_layers,n_ff,words", [(3, 160, ["extra layers [2]"]), (1, 160, ["missing layers [1]"]),
