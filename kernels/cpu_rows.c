@@ -136,20 +136,31 @@ typedef struct {
   const uint8_t* active;
   int64_t n_ff;
   int T;
+} active_ctx;
+
+// A row is needed when some token has its neuron active.
+static int row_active(const void* p, int64_t j) {
+  const active_ctx* c = p;
+  const int64_t n = c->neuron_idx[j];
+  int any = 0;
+  for (int t = 0; t < c->T; ++t) any |= c->active[t * c->n_ff + n];
+  return any;
+}
+
+typedef struct {
+  active_ctx rows;
   float* h;
   int64_t h_stride;
   int full;
 } gate_up_ctx;
 
-// A row is needed when some token has its neuron active; rows no token needs get h = 0 here.
+// row_active, and rows no token needs get h = 0 here.
 static int gate_up_needed(const void* p, int64_t j) {
   const gate_up_ctx* c = p;
-  const int64_t n = c->neuron_idx[j];
-  int any = 0;
-  for (int t = 0; t < c->T; ++t) any |= c->active[t * c->n_ff + n];
+  const int any = row_active(&c->rows, j);
   if (!any) {
-    const int64_t col = c->full ? n : j;
-    for (int t = 0; t < c->T; ++t) c->h[t * c->h_stride + col] = 0.0f;
+    const int64_t col = c->full ? c->rows.neuron_idx[j] : j;
+    for (int t = 0; t < c->rows.T; ++t) c->h[t * c->h_stride + col] = 0.0f;
   }
   return any;
 }
@@ -159,7 +170,7 @@ static int gate_up_needed(const void* p, int64_t j) {
 void gate_up(const uint8_t* gate, const uint8_t* up, int64_t row_bytes, int wt, const int64_t* neuron_idx,
              int64_t m, const uint8_t* active, int64_t n_ff, const float* x, int d, int T, int act,
              float threshold, float* h, int full, int n_threads) {
-  const gate_up_ctx ctx = {neuron_idx, active, n_ff, T, h, full ? n_ff : m, full};
+  const gate_up_ctx ctx = {{neuron_idx, active, n_ff, T}, h, full ? n_ff : m, full};
   int32_t* scan = malloc(2 * m * sizeof(int32_t)), *joined = scan + m;
   int64_t counts[n_threads];
 #pragma omp parallel num_threads(n_threads)
@@ -290,21 +301,6 @@ typedef struct {
   const int64_t* neuron_idx;
   int64_t m;
 } rows_desc;
-
-typedef struct {
-  const int64_t* neuron_idx;
-  const uint8_t* active;
-  int64_t n_ff;
-  int T;
-} active_ctx;
-
-static int row_active(const void* p, int64_t j) {
-  const active_ctx* c = p;
-  const int64_t n = c->neuron_idx[j];
-  int any = 0;
-  for (int t = 0; t < c->T; ++t) any |= c->active[t * c->n_ff + n];
-  return any;
-}
 
 // acc (T, d) += activation(gate_j . x, up_j . x) * down_j for the tokens with neuron_idx[j] active; the down row
 // is used only when some activation is nonzero. Prefetches, as it goes, this row's down row and the gate and up
