@@ -16,7 +16,7 @@ from solver.ledger import GRAPH_WORKSPACE_BYTES, workspace_bytes
 
 from .engine import DTYPE_NAMES
 from .errors import BudgetError, InputError
-from .loader import Checkpoint, build_model
+from .loader import Checkpoint, build_model, device_state
 from .model import Transformer
 
 
@@ -57,8 +57,7 @@ def build_layer_split(ckpt: Checkpoint, n_gpu_layers: int, dtype=torch.float16, 
     model = build_model(ckpt, device="cpu", dtype=cpu_dtype, skip=on_gpu)
     if cfg.tie_embeddings and on_gpu:  # the output head keeps its own CPU copy of the shared matrix
         model.output.weight = torch.nn.Parameter(ckpt.tensors["tok_embeddings.weight"].to(cpu_dtype))
-    model.load_state_dict({name: ckpt.tensors[name].to(device=device, dtype=dtype) for name in on_gpu},
-                          strict=False, assign=True)
+    model.load_state_dict(device_state(ckpt, on_gpu, device, dtype), strict=False, assign=True)
     if on_gpu:
         model.inv_freq = model.inv_freq.to(device)
     for block in model.layers[n_gpu_layers:]:

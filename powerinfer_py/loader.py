@@ -12,7 +12,7 @@ import torch
 
 from .config import ModelConfig
 from .errors import ModelFormatError
-from .model import Predictor, Transformer, rope_inv_freq
+from .model import Predictor, Transformer, merge_qkv, rope_inv_freq
 from .tokenizer import Tokenizer
 
 
@@ -116,6 +116,16 @@ def check_tensors(cfg: ModelConfig, tensors: dict, source: str, skip=()) -> None
         raise ModelFormatError(f"{source}: unexpected tensor {extra[0]}")
 
 
+def device_state(ckpt: Checkpoint, names, device, dtype) -> dict:
+    """The named checkpoint tensors on `device` in `dtype`, each layer's q, k and v merged into the model's wqkv
+    on the host first: the device never holds the separate and the merged matrices at once (for a 13B model
+    at a 14 GiB budget that transient alone went 290 MiB over)."""
+    state = {name: ckpt.tensors[name] for name in names}
+    for i in range(ckpt.config.n_layers):
+        merge_qkv(state, f"layers.{i}.attention.")
+    return {name: t.to(device=device, dtype=dtype) for name, t in state.items()}
+
+
 def build_model(ckpt: Checkpoint, device="cpu", dtype=torch.float32, skip=(), predictors: bool = False) -> Transformer:
     """A Transformer on `device` in `dtype`, built without a throw-away random init. Tensors named in `skip`
     stay on the meta device (the hybrid engine places those itself). With predictors=True, the checkpoint's
@@ -124,7 +134,7 @@ def build_model(ckpt: Checkpoint, device="cpu", dtype=torch.float32, skip=(), pr
     check_tensors(cfg, ckpt.tensors, ckpt.path, skip)
     with torch.device("meta"):
         model = Transformer(cfg)
-    state = {name: t.to(device=device, dtype=dtype) for name, t in ckpt.tensors.items() if name not in skip}
+    state = device_state(ckpt, [name for name in ckpt.tensors if name not in skip], device, dtype)
     if cfg.tie_embeddings:
         state.pop("output.weight", None)
     model.load_state_dict(state, strict=False, assign=True)

@@ -121,6 +121,12 @@ class KVCache(nn.Module):
 QKV = ("wq", "wk", "wv")
 
 
+def merge_qkv(state: dict, prefix: str) -> None:
+    """In place: Llama's separate wq, wk, wv under `prefix` (when all three are there) become one wqkv."""
+    if all(prefix + w + ".weight" in state for w in QKV):
+        state[prefix + "wqkv.weight"] = torch.cat([state.pop(prefix + w + ".weight") for w in QKV])
+
+
 class Attention(nn.Module):
     """q, k and v come from one matrix `wqkv` (one matrix-vector product a token, and RoPE on q and k at once);
     state dicts keep Llama's separate wq/wk/wv, merged on load and split on save."""
@@ -132,12 +138,8 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(cfg.dim, sum(self.qkv_sizes), bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
         self.kv_cache: KVCache | None = None
-        self._register_load_state_dict_pre_hook(self._merge_qkv)
+        self._register_load_state_dict_pre_hook(lambda state, prefix, *args: merge_qkv(state, prefix))
         self._register_state_dict_hook(Attention._split_qkv)
-
-    def _merge_qkv(self, state, prefix, *args):
-        if all(prefix + w + ".weight" in state for w in QKV):
-            state[prefix + "wqkv.weight"] = torch.cat([state.pop(prefix + w + ".weight") for w in QKV])
 
     @staticmethod
     def _split_qkv(module, state, prefix, local_metadata):

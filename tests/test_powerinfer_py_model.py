@@ -94,3 +94,18 @@ def test_state_dicts_keep_separate_q_k_v():
     model = Transformer(cfg)
     model.load_state_dict(state)
     assert all(torch.equal(t, state[name]) for name, t in model.state_dict().items())
+
+
+def test_device_state_merges_q_k_v_before_moving():
+    """build_model's tensors: wqkv already merged (on the host), the checkpoint left as it was."""
+    from powerinfer_py.loader import Checkpoint, device_state
+    from powerinfer_py.model import Transformer
+
+    cfg = ModelConfig(vocab_size=32, dim=24, n_layers=2, n_heads=4, n_kv_heads=2, n_ff=40, ffn_act="relu")
+    tensors = {name: torch.randn_like(t) for name, t in Transformer(cfg).state_dict().items()}
+    ckpt = Checkpoint(cfg, tensors, None, None, "hf", "<random>")
+    state = device_state(ckpt, [n for n in tensors if not n.startswith("layers.1.")], "cpu", torch.float16)
+    assert "layers.0.attention.wqkv.weight" in state and "layers.0.attention.wq.weight" not in state
+    assert not any(n.startswith("layers.1.") for n in state) and "layers.0.attention.wq.weight" in tensors
+    want = torch.cat([tensors[f"layers.0.attention.{w}.weight"] for w in ("wq", "wk", "wv")]).half()
+    assert torch.equal(state["layers.0.attention.wqkv.weight"], want)
