@@ -158,7 +158,7 @@ def gpu_bench(timer, copy_bw, records):
                 records.append(dict(device="gpu", shape=shape, weight_type=weight_type, density=1.0, T=1,
                                     impl="dense cuBLAS (3 mat-vec, all rows)", us=t * 1e6, bytes=nbytes,
                                     GBs=nbytes / t / 1e9, ceiling_GBs=copy_bw / 1e9))
-            del rows
+            rows = None  # freed before the next weight type is made
             torch.cuda.empty_cache()
 
 
