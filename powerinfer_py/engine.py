@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from kernels import get_backend
 from kernels.cpu import native_library
 from solver.ledger import format_bytes, parse_budget, vram_ledger
 from solver.placement import PlacementProblem, solve_placement
@@ -174,7 +175,8 @@ def install_hybrid_ffns(model, ckpt: Checkpoint, gpu_masks, device, gpu_weight_t
                                                device, host, counters)
     split = [layer.feed_forward for layer in model.layers if layer.feed_forward.splits]
     model.handoff = None
-    if split and native_library() is not None:  # without the C kernels, decode hands off layer by layer, eagerly
+    # the hand-off needs the C kernels and CuPy; without them decode hands off layer by layer, eagerly
+    if split and native_library() is not None and get_backend("cuda").name == "cuda":
         from kernels.handoff import Handoff
 
         model.handoff = Handoff([ff.cpu_rows for ff in split], cfg.dim, cfg.n_ff, host.dtype, cfg.ffn_act,
