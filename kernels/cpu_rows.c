@@ -92,6 +92,21 @@ static float activation(float g, float u, int act, float threshold) {
   return a * (act == DRELU ? fmaxf(u, 0.0f) : u);
 }
 
+// Byte offset of element c (a multiple of 32 for the quantized types) in a packed row.
+static int64_t element_offset(int wt, int64_t c) {
+  switch (wt) {
+    case F32: return 4 * c;
+    case F16: case BF16: return 2 * c;
+    case Q8_0: return c / 32 * 34;
+    default: return c / 32 * 18;
+  }
+}
+
+// Software prefetch into all cache levels (hints 3 and 2 measured alike; 0, non-temporal, was 25% slower).
+static void prefetch(const uint8_t* p, int64_t bytes) {
+  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(p + b, 0, 3);
+}
+
 // Inside a parallel region: the rows r < m with needed(r), ascending, as a list split evenly over the threads.
 // Each thread scans one slice of the rows into its part of scan (m slots) and counts its finds in counts (a
 // slot per thread); after one barrier every thread knows where each part lands in the joined list.
@@ -165,6 +180,22 @@ static int gate_up_needed(const void* p, int64_t j) {
   return any;
 }
 
+// g[t] = gate_row . x_t and u[t] = up_row . x_t for the T tokens, decoding CHUNK elements at a time; as it goes it
+// prefetches the same elements of the n_ahead rows in `ahead` (rows read next).
+static void gate_up_dots(const uint8_t* grow, const uint8_t* urow, int wt, const float* x, int d, int T,
+                         float* g, float* u, const uint8_t* const* ahead, int n_ahead) {
+  float gbuf[CHUNK], ubuf[CHUNK];
+  for (int t = 0; t < T; ++t) g[t] = u[t] = 0.0f;
+  for (int c = 0; c < d; c += CHUNK) {
+    const int len = d - c < CHUNK ? d - c : CHUNK;
+    const int64_t b0 = element_offset(wt, c), b1 = element_offset(wt, c + len);
+    for (int k = 0; k < n_ahead; ++k) prefetch(ahead[k] + b0, b1 - b0);
+    const float* gv = decode(grow, wt, c, len, gbuf);
+    const float* uv = decode(urow, wt, c, len, ubuf);
+    for (int t = 0; t < T; ++t) dot2(gv, uv, x + (int64_t)t * d + c, len, g + t, u + t);
+  }
+}
+
 // h[t, j] (compact, stride m) or h[t, neuron_idx[j]] (full, stride n_ff) = activation of row j for token t,
 // 0 where active[t, neuron_idx[j]] is false. x: fp32 (T, d).
 void gate_up(const uint8_t* gate, const uint8_t* up, int64_t row_bytes, int wt, const int64_t* neuron_idx,
@@ -178,24 +209,71 @@ void gate_up(const uint8_t* gate, const uint8_t* up, int64_t row_bytes, int wt, 
     const row_list list = list_rows(gate_up_needed, &ctx, m, scan, counts);
     int64_t i0, i1;
     my_share(&list, joined, &i0, &i1);
-    float gbuf[CHUNK], ubuf[CHUNK];
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t j = joined[i];
-      const uint8_t* grow = gate + j * row_bytes;
-      const uint8_t* urow = up + j * row_bytes;
-      float g[MAX_TOKENS] = {0}, u[MAX_TOKENS] = {0};
-      for (int c = 0; c < d; c += CHUNK) {
-        const int len = d - c < CHUNK ? d - c : CHUNK;
-        const float* gv = decode(grow, wt, c, len, gbuf);
-        const float* uv = decode(urow, wt, c, len, ubuf);
-        for (int t = 0; t < T; ++t) dot2(gv, uv, x + (int64_t)t * d + c, len, g + t, u + t);
-      }
+      float g[MAX_TOKENS], u[MAX_TOKENS];
+      gate_up_dots(gate + j * row_bytes, up + j * row_bytes, wt, x, d, T, g, u, NULL, 0);
       const int64_t n_j = neuron_idx[j], col = full ? n_j : j;
       for (int t = 0; t < T; ++t)
         h[t * ctx.h_stride + col] = active[t * n_ff + n_j] ? activation(g[t], u[t], act, threshold) : 0.0f;
     }
   }
   free(scan);
+}
+
+// Model-dtype vectors (F32, F16 or BF16) to and from fp32.
+static void to_float(const void* src, int type, int64_t n, float* dst) {
+  for (int64_t c = 0; c < n; c += CHUNK) {
+    const int len = n - c < CHUNK ? n - c : CHUNK;
+    const float* v = decode((const uint8_t*)src, type, c, len, dst + c);
+    if (v != dst + c) memcpy(dst + c, v, len * sizeof(float));  // f32: decode points into the source
+  }
+}
+
+static void from_float(const float* src, int64_t n, int type, void* dst) {
+  for (int64_t i = 0; i < n; ++i) {
+    if (type == F32) {
+      ((float*)dst)[i] = src[i];
+    } else if (type == F16) {
+      ((_Float16*)dst)[i] = (_Float16)src[i];
+    } else {  // bf16, round to nearest even (values here are finite)
+      uint32_t bits;
+      memcpy(&bits, src + i, 4);
+      ((uint16_t*)dst)[i] = (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+    }
+  }
+}
+
+// acc (T, d) += a[t] * the down row, for the tokens with a[t] != 0.
+static void add_row(const uint8_t* row, int wt, int d, const float* a, int T, float* acc) {
+  float buf[CHUNK];
+  for (int c = 0; c < d; c += CHUNK) {
+    const int len = d - c < CHUNK ? d - c : CHUNK;
+    const float* v = decode(row, wt, c, len, buf);
+    for (int t = 0; t < T; ++t) {
+      if (a[t] == 0.0f) continue;
+      float* out = acc + (int64_t)t * d + c;
+#pragma omp simd
+      for (int k = 0; k < len; ++k) out[k] += a[t] * v[k];
+    }
+  }
+}
+
+// Inside a parallel region, after a barrier: y (T, d), of type y_type, = the nt per-thread fp32 partials added
+// in thread order (each thread writes its slice of y).
+static void add_partials(const float* partial, int nt, int T, int d, void* y, int y_type) {
+  const int tid = omp_get_thread_num();
+  const int64_t total = (int64_t)T * d, k0 = total * tid / nt, k1 = total * (tid + 1) / nt;
+  float sums[CHUNK];
+  for (int64_t k = k0; k < k1; k += CHUNK) {
+    const int len = k1 - k < CHUNK ? k1 - k : CHUNK;
+    for (int i = 0; i < len; ++i) {
+      float v = 0.0f;
+      for (int p = 0; p < nt; ++p) v += partial[(size_t)p * total + k + i];
+      sums[i] = v;
+    }
+    from_float(sums, len, y_type, (uint8_t*)y + element_offset(y_type, k));
+  }
 }
 
 typedef struct {
@@ -222,74 +300,22 @@ void down(const uint8_t* down_rows, int64_t row_bytes, int wt, int64_t m, int d,
 #pragma omp parallel num_threads(n_threads)
   {
     const row_list list = list_rows(down_needed, &ctx, m, scan, counts);
-    const int tid = omp_get_thread_num(), nt = list.nt;
+    const int nt = list.nt;
     int64_t i0, i1;
     my_share(&list, joined, &i0, &i1);
-    float* acc = partial + (size_t)tid * T * d;
+    float* acc = partial + (size_t)omp_get_thread_num() * T * d;
     memset(acc, 0, (size_t)T * d * sizeof(float));
-    float buf[CHUNK];
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t r = joined[i];
-      for (int c = 0; c < d; c += CHUNK) {
-        const int len = d - c < CHUNK ? d - c : CHUNK;
-        const float* v = decode(down_rows + r * row_bytes, wt, c, len, buf);
-        for (int t = 0; t < T; ++t) {
-          const float a = h[t * m + r];
-          if (a == 0.0f) continue;
-          float* out = acc + (int64_t)t * d + c;
-#pragma omp simd
-          for (int k = 0; k < len; ++k) out[k] += a * v[k];
-        }
-      }
+      float a[MAX_TOKENS];
+      for (int t = 0; t < T; ++t) a[t] = h[t * m + r];
+      add_row(down_rows + r * row_bytes, wt, d, a, T, acc);
     }
 #pragma omp barrier
-    const int64_t total = (int64_t)T * d;
-    for (int64_t k = total * tid / nt; k < total * (tid + 1) / nt; ++k) {
-      float s = 0.0f;
-      for (int p = 0; p < nt; ++p) s += partial[(size_t)p * total + k];
-      y[k] = s;
-    }
+    add_partials(partial, nt, T, d, y, F32);
   }
   free(partial);
   free(scan);
-}
-
-// Byte offset of element c (a multiple of 32 for the quantized types) in a packed row.
-static int64_t element_offset(int wt, int64_t c) {
-  switch (wt) {
-    case F32: return 4 * c;
-    case F16: case BF16: return 2 * c;
-    case Q8_0: return c / 32 * 34;
-    default: return c / 32 * 18;
-  }
-}
-
-// Software prefetch into all cache levels (hints 3 and 2 measured alike; 0, non-temporal, was 25% slower).
-static void prefetch(const uint8_t* p, int64_t bytes) {
-  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(p + b, 0, 3);
-}
-
-// Model-dtype vectors (F32, F16 or BF16) to and from fp32.
-static void to_float(const void* src, int type, int64_t n, float* dst) {
-  for (int64_t c = 0; c < n; c += CHUNK) {
-    const int len = n - c < CHUNK ? n - c : CHUNK;
-    const float* v = decode((const uint8_t*)src, type, c, len, dst + c);
-    if (v != dst + c) memcpy(dst + c, v, len * sizeof(float));  // f32: decode points into the source
-  }
-}
-
-static void from_float(const float* src, int64_t n, int type, void* dst) {
-  for (int64_t i = 0; i < n; ++i) {
-    if (type == F32) {
-      ((float*)dst)[i] = src[i];
-    } else if (type == F16) {
-      ((_Float16*)dst)[i] = (_Float16)src[i];
-    } else {  // bf16, round to nearest even (values here are finite)
-      uint32_t bits;
-      memcpy(&bits, src + i, 4);
-      ((uint16_t*)dst)[i] = (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
-    }
-  }
 }
 
 // One layer's rows as ffn reads them: gate, up and down_t share row_bytes; row j is neuron neuron_idx[j].
@@ -309,40 +335,17 @@ typedef struct {
 static void row_ffn(const rows_desc* r, int wt, int64_t j, const uint8_t* next_gate, const uint8_t* next_up,
                     const uint8_t* active, int64_t n_ff, const float* x, int d, int T, int act, float threshold,
                     float* acc) {
-  const uint8_t* grow = r->gate + j * r->row_bytes;
-  const uint8_t* urow = r->up + j * r->row_bytes;
   const int64_t n = r->neuron_idx[j];
-  float g[MAX_TOKENS] = {0}, u[MAX_TOKENS] = {0}, a[MAX_TOKENS];
-  float gbuf[CHUNK], ubuf[CHUNK];
-  for (int c = 0; c < d; c += CHUNK) {
-    const int len = d - c < CHUNK ? d - c : CHUNK;
-    const int64_t b0 = element_offset(wt, c), b1 = element_offset(wt, c + len);
-    if (next_gate) {
-      prefetch(next_gate + b0, b1 - b0);
-      prefetch(next_up + b0, b1 - b0);
-    }
-    prefetch(r->down + j * r->row_bytes + b0, b1 - b0);  // most predicted-active rows need their down row
-    const float* gv = decode(grow, wt, c, len, gbuf);
-    const float* uv = decode(urow, wt, c, len, ubuf);
-    for (int t = 0; t < T; ++t) dot2(gv, uv, x + (int64_t)t * d + c, len, g + t, u + t);
-  }
+  const uint8_t* drow = r->down + j * r->row_bytes;
+  const uint8_t* ahead[3] = {drow, next_gate, next_up};  // most predicted-active rows need their down row
+  float g[MAX_TOKENS], u[MAX_TOKENS], a[MAX_TOKENS];
+  gate_up_dots(r->gate + j * r->row_bytes, r->up + j * r->row_bytes, wt, x, d, T, g, u, ahead, next_gate ? 3 : 1);
   int any = 0;
   for (int t = 0; t < T; ++t) {
     a[t] = active[t * n_ff + n] ? activation(g[t], u[t], act, threshold) : 0.0f;
     any |= a[t] != 0.0f;
   }
-  if (!any) return;
-  const uint8_t* drow = r->down + j * r->row_bytes;
-  for (int c = 0; c < d; c += CHUNK) {
-    const int len = d - c < CHUNK ? d - c : CHUNK;
-    const float* v = decode(drow, wt, c, len, gbuf);
-    for (int t = 0; t < T; ++t) {
-      if (a[t] == 0.0f) continue;
-      float* out = acc + (int64_t)t * d + c;
-#pragma omp simd
-      for (int k = 0; k < len; ++k) out[k] += a[t] * v[k];
-    }
-  }
+  if (any) add_row(drow, wt, d, a, T, acc);
 }
 
 // Scratch of ffn_region: scan (2 m int32: the row list), counts (a slot per thread), partial (threads x T x d).
@@ -358,11 +361,10 @@ static int64_t ffn_region(const rows_desc* r, int wt, const uint8_t* active, int
                        int T, int act, float threshold, const scratch* s, void* y, int y_type) {
   const active_ctx ctx = {r->neuron_idx, active, n_ff, T};
   const row_list list = list_rows(row_active, &ctx, r->m, s->scan, s->counts);
-  const int tid = omp_get_thread_num(), nt = list.nt;
   int32_t* joined = s->scan + r->m;
   int64_t i0, i1;
   my_share(&list, joined, &i0, &i1);
-  float* acc = s->partial + (size_t)tid * T * d;
+  float* acc = s->partial + (size_t)omp_get_thread_num() * T * d;
   memset(acc, 0, (size_t)T * d * sizeof(float));
   for (int64_t i = i0; i < i1; ++i) {
     const uint8_t* next_gate = i + 1 < i1 ? r->gate + joined[i + 1] * r->row_bytes : NULL;
@@ -370,17 +372,7 @@ static int64_t ffn_region(const rows_desc* r, int wt, const uint8_t* active, int
     row_ffn(r, wt, joined[i], next_gate, next_up, active, n_ff, x, d, T, act, threshold, acc);
   }
 #pragma omp barrier
-  const int64_t total = (int64_t)T * d, k0 = total * tid / nt, k1 = total * (tid + 1) / nt;
-  float sums[CHUNK];
-  for (int64_t k = k0; k < k1; k += CHUNK) {
-    const int len = k1 - k < CHUNK ? k1 - k : CHUNK;
-    for (int i = 0; i < len; ++i) {
-      float v = 0.0f;
-      for (int p = 0; p < nt; ++p) v += s->partial[(size_t)p * total + k + i];
-      sums[i] = v;
-    }
-    from_float(sums, len, y_type, (uint8_t*)y + element_offset(y_type, k));
-  }
+  add_partials(s->partial, list.nt, T, d, y, y_type);
 #pragma omp barrier
   return list.n;
 }
