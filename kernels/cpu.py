@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from powerinfer_py.atomic import atomic_file
 from powerinfer_py.model import ffn_activation
 
+from .ffn import Backend
 from .rows import FFNRows
 
 NATIVE_MAX_TOKENS = 8  # MAX_TOKENS in cpu_rows.c; measured: at 16 tokens the C kernels take 2x the dense product
@@ -91,7 +92,7 @@ class RowsDesc(ctypes.Structure):
 class ColdStep:
     """The CPU half of a decode step over several layers' cold rows (cold_step in cpu_rows.c): layer by layer,
     wait for the input flag in `ready[0]`, compute into y_host, raise the output flag in `ready[1]`. The
-    host buffers and flags are CPU tensors (pinned when a GPU writes them); the rows must outlive this object."""
+    host buffers and flags are CPU tensors (pinned when a GPU writes them) that must outlive this object."""
 
     def __init__(self, layers: list[FFNRows], act: str, threshold: float, x_host, active_host, y_host, ready):
         self.lib = native_library()
@@ -100,7 +101,7 @@ class ColdStep:
         if len({rows.weight_type for rows in layers}) != 1 or ready.shape != (2, len(layers)):
             raise ValueError("layers: expected one weight type, and ready of shape (2, layers)")
         self.descs = (RowsDesc * len(layers))(*[RowsDesc.of(rows) for rows in layers])
-        self.layers, self.buffers = layers, (x_host, active_host, y_host, ready)
+        self.layers = layers  # keeps the rows alive while the C side holds their addresses
         self.times = torch.zeros((len(layers), 2), dtype=torch.float64)  # when each layer's input came, output left
         self.counts = torch.zeros((len(layers), 2), dtype=torch.int64)  # each layer's active neurons, cold ones
         self.args = (self.descs, len(layers), WEIGHT_CODES[layers[0].weight_type], active_host.shape[-1],
@@ -122,7 +123,7 @@ def _threads(t: torch.Tensor) -> int:
     return max(1, min(torch.get_num_threads(), t.shape[0] * _row_bytes(t) // MIN_BYTES_PER_THREAD))
 
 
-class CpuBackend:
+class CpuBackend(Backend):
     name = "cpu"
 
     def __init__(self):
@@ -143,9 +144,7 @@ class CpuBackend:
         """y = the rows' FFN output: one pass over each needed row (C kernels), or gate_up then down."""
         T = x.shape[0]
         if self.lib is None or T > NATIVE_MAX_TOKENS:
-            h = torch.empty((T, rows.m))
-            self.gate_up(x, rows, active, act, threshold, h, False)
-            return self.down(h, rows, y)
+            return super().ffn(x, rows, active, act, threshold, y)
         xf, active = x.float().contiguous(), active.contiguous()
         self.lib.ffn(rows.gate.data_ptr(), rows.up.data_ptr(), rows.down_t.data_ptr(), _row_bytes(rows.gate),
                      WEIGHT_CODES[rows.weight_type], rows.neuron_idx.data_ptr(), rows.m, active.data_ptr(),

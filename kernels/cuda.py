@@ -12,6 +12,7 @@ import torch
 
 from powerinfer_py.model import ffn_activation
 
+from .ffn import Backend
 from .rows import FLOAT_DTYPES, FFNRows
 
 WEIGHT_CODES = {"f32": 0, "f16": 1, "bf16": 2, "q8_0": 3, "q4_0": 4}
@@ -65,7 +66,7 @@ def _kernel_x(x: torch.Tensor, rows: FFNRows) -> torch.Tensor:
     return xf
 
 
-class CudaBackend:
+class CudaBackend(Backend):
     name = "cuda"
 
     def gate_up(self, x, rows: FFNRows, active, act, threshold, h, full):

@@ -18,7 +18,17 @@ ACTS = ("relu", "drelu", "silu")
 X_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-class ReferenceBackend:
+class Backend:
+    """What every backend does: gate_up and down (its kernels) and ffn, by default the two one after the other
+    (a backend with a one-pass kernel overrides it)."""
+
+    def ffn(self, x, rows, active, act, threshold, y):
+        h = torch.empty((x.shape[0], rows.m), dtype=torch.float32, device=rows.device)
+        self.gate_up(x, rows, active, act, threshold, h, False)
+        self.down(h, rows, y)
+
+
+class ReferenceBackend(Backend):
     """The references over the rows' exact values: correct anywhere, slow (dequantizes on every call)."""
     name = "reference"
 
@@ -120,10 +130,7 @@ def sparse_ffn(x, rows: FFNRows, active, act="relu", threshold=0.0, out=None):
     if out is not None:
         _check_out(out, tuple(x.shape), X_DTYPES, rows.device)
     out = out if out is not None else x.new_empty(x.shape)
-    backend = get_backend(rows.device.type)
     if rows.m == 0 or x.shape[0] == 0:
         return out.zero_()
-    if hasattr(backend, "ffn"):  # one pass over each row
-        backend.ffn(x, rows, active, act, float(threshold), out)
-        return out
-    return sparse_down(sparse_gate_up(x, rows, active, act, threshold), rows, out)
+    get_backend(rows.device.type).ffn(x, rows, active, act, float(threshold), out)
+    return out

@@ -7,7 +7,7 @@ The CPU kernels also read the rows in place in their type (a half or a quarter o
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
 
 import torch
 
@@ -56,7 +56,7 @@ def _pack_matrix(name: str, w: torch.Tensor, d: int, weight_type: str, device: t
     return out.to(device)
 
 
-@dataclass
+@dataclasses.dataclass
 class FFNRows:
     """gate/up/down_t: packed (m, ...) rows, row j holding neuron neuron_idx[j]; d: the model dimension."""
     gate: torch.Tensor
@@ -119,14 +119,15 @@ class FFNRows:
 
     def to(self, device, non_blocking: bool = False) -> FFNRows:
         """A copy on `device` (from pinned memory, non_blocking copies overlap the host)."""
-        gate, up, down_t, idx = (t.to(device, non_blocking=non_blocking)
-                                 for t in (self.gate, self.up, self.down_t, self.neuron_idx))
-        return FFNRows(gate, up, down_t, idx, self.d, self.weight_type, self.min_n_ff)
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
 
     def pin_memory(self) -> FFNRows:
         """A copy in page-locked host memory: copies to a GPU then run at PCIe speed (pageable: about a sixth)."""
-        gate, up, down_t, idx = (t.pin_memory() for t in (self.gate, self.up, self.down_t, self.neuron_idx))
-        return FFNRows(gate, up, down_t, idx, self.d, self.weight_type, self.min_n_ff)
+        return self._map(torch.Tensor.pin_memory)
+
+    def _map(self, fn) -> FFNRows:
+        return dataclasses.replace(self, gate=fn(self.gate), up=fn(self.up), down_t=fn(self.down_t),
+                                   neuron_idx=fn(self.neuron_idx))
 
     def unpack(self, t: torch.Tensor, rows=slice(None)) -> torch.Tensor:
         """Rows `rows` (a slice or an index tensor) of the packed matrix t as (n, d) float32: the exact values
