@@ -293,11 +293,11 @@ def report(setup: HybridSetup, stats, load_s: float, log) -> None:
     log(f"FFN neurons on GPU: {hot}/{total} ({hot / total:.1%})")
     log(f"prompt: {stats.prompt_tokens} tokens, {stats.prompt_tps:.1f} tok/s; "
         f"generation: {stats.generated_tokens} tokens, {stats.generate_tps:.1f} tok/s")
-    if setup.counters is None and setup.budget:
-        log("GPU hit rate: 100% (every FFN neuron on the GPU, dense); CPU share of token time: 0%")
     if setup.counters is not None:
         wall = stats.prompt_seconds + stats.generate_seconds
         token_s = 1 / stats.generate_tps if stats.generate_tps else float("nan")
         log(f"GPU hit rate (active neurons served on the GPU): {setup.counters.hit_rate:.1%}; "
             f"CPU share of token time: {setup.counters.cpu_seconds / wall:.1%}; "
             f"predictor share of token time: {predictor_seconds(setup.model) / token_s:.1%}")
+    elif setup.budget:
+        log("GPU hit rate: 100% (every FFN neuron on the GPU, dense); CPU share of token time: 0%")
