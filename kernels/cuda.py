@@ -43,13 +43,16 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _ptr(t: torch.Tensor) -> np.uint64:
-    return np.uint64(t.data_ptr())
+def ptr(t: torch.Tensor) -> np.uint64:
+    """A tensor's device address as a kernel argument."""
+    return np.uint64(t.dataptr())
 
 
-def _launch(kernel, grid, args, device: torch.device, shared_mem: int = 0):
+def launch(kernel, grid, args, device: torch.device, shared_mem: int = 0, block: int = THREADS):
+    """Launch a CuPy kernel on torch's current stream of `device` (so it is ordered with torch's work and can be
+    captured in torch's CUDA graphs)."""
     with cupy.cuda.Device(device.index), cupy.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream):
-        kernel(grid, (THREADS,), args, shared_mem=shared_mem)
+        kernel(grid, (block,), args, shared_mem=shared_mem)
 
 
 def _tile(T: int) -> int:
@@ -59,7 +62,7 @@ def _tile(T: int) -> int:
 def _kernel_x(x: torch.Tensor, rows: FFNRows) -> torch.Tensor:
     """x as gate_up reads it (8 elements at a time, in 16-byte loads): x itself when it is contiguous, d a
     multiple of 8 and 16-byte aligned (the kernels convert it in registers); else a zero-padded fp32 copy."""
-    if x.is_contiguous() and rows.d % 8 == 0 and x.data_ptr() % 16 == 0:
+    if x.is_contiguous() and rows.d % 8 == 0 and x.dataptr() % 16 == 0:
         return x
     xf = x.new_zeros((x.shape[0], -(-rows.d // 8) * 8), dtype=torch.float32)
     xf[:, : rows.d] = x
@@ -82,11 +85,11 @@ class CudaBackend(Backend):
             n = min(T - t0, max_tile)
             tile = _tile(n)
             kernel = mod.get_function(f"gate_up<{wt},{DTYPE_CODES[xk.dtype]},{tile}>")
-            args = (_ptr(rows.gate), _ptr(rows.up), np.int64(rows.gate.stride(0) * rows.gate.element_size()),
-                    _ptr(rows.neuron_idx), np.int32(rows.m), _ptr(active[t0]), np.int64(active.shape[1]),
-                    _ptr(xk[t0]), np.int64(xk.stride(0) * xk.element_size()), np.int32(rows.d), np.int32(n),
-                    np.int32(ACT_CODES[act]), np.float32(threshold), _ptr(h[t0]), np.int32(full))
-            _launch(kernel, (-(-rows.m // ROWS_PER_BLOCK),), args, x.device, smem_per_token * tile)
+            args = (ptr(rows.gate), ptr(rows.up), np.int64(rows.gate.stride(0) * rows.gate.element_size()),
+                    ptr(rows.neuron_idx), np.int32(rows.m), ptr(active[t0]), np.int64(active.shape[1]),
+                    ptr(xk[t0]), np.int64(xk.stride(0) * xk.element_size()), np.int32(rows.d), np.int32(n),
+                    np.int32(ACT_CODES[act]), np.float32(threshold), ptr(h[t0]), np.int32(full))
+            launch(kernel, (-(-rows.m // ROWS_PER_BLOCK),), args, x.device, smem_per_token * tile)
 
     def down(self, h, rows: FFNRows, y):
         """y (T, d) = h @ down_t over the rows with h != 0; fp32 partial sums per row split, reduced in order."""
@@ -105,13 +108,13 @@ class CudaBackend(Backend):
             n = min(T - t0, TOKEN_TILES[-1])
             partial = torch.empty((splits, n, rows.d), dtype=torch.float32, device=h.device)
             kernel = mod.get_function(f"down_partial<{wt},{_tile(n)}>")
-            args = (_ptr(rows.down_t), np.int64(rows.down_t.stride(0) * rows.down_t.element_size()),
-                    np.int32(rows.m), np.int32(rows.d), _ptr(h[t0]), np.int32(n), np.int32(rows_per_split),
-                    _ptr(partial))
-            _launch(kernel, (col_blocks, splits), args, h.device)
+            args = (ptr(rows.down_t), np.int64(rows.down_t.stride(0) * rows.down_t.element_size()),
+                    np.int32(rows.m), np.int32(rows.d), ptr(h[t0]), np.int32(n), np.int32(rows_per_split),
+                    ptr(partial))
+            launch(kernel, (col_blocks, splits), args, h.device)
             total = n * rows.d
-            _launch(reduce_kernel, (-(-total // THREADS),),
-                    (_ptr(partial), np.int32(splits), np.int64(total), _ptr(y[t0])), h.device)
+            launch(reduce_kernel, (-(-total // THREADS),),
+                    (ptr(partial), np.int32(splits), np.int64(total), ptr(y[t0])), h.device)
 
     def _gate_up_dense(self, x, rows, active, act, threshold, h, full):
         """Many tokens: cuBLAS over all rows (each row read once for every token), then mask."""

@@ -62,6 +62,16 @@ def get_backend(device_type: str):
         return ReferenceBackend()
 
 
+def use_decode_kernels(model) -> bool:
+    """Run the model's one-token CUDA steps on the fused kernels of kernels.decode (attention, norms, predictors)
+    where CuPy's CUDA backend is available; False (the model unchanged) otherwise."""
+    if get_backend("cuda").name != "cuda":
+        return False
+    from .decode import use_decode_kernels as switch
+
+    return switch(model) > 0
+
+
 def _check_tensor(name, t, dtypes, shape, device):
     """shape: a tuple with None for any size."""
     if not torch.is_tensor(t):

@@ -14,10 +14,12 @@ import functools
 import threading
 from pathlib import Path
 
+import cupy
 import numpy as np
 import torch
 
 from .cpu import DTYPE_CODES, ColdStep
+from .cuda import launch, ptr
 from .rows import FFNRows
 
 THREADS = 1024  # THREADS in handoff.cu
@@ -26,20 +28,11 @@ TIMEOUT_S = 30.0  # either side waiting longer than this for the other gives up 
 
 @functools.cache
 def _module():
-    import cupy
-
     return cupy.RawModule(code=Path(__file__).with_name("handoff.cu").read_text(), options=("-std=c++17",))
 
 
 def _launch(name: str, args, device: torch.device):
-    import cupy
-
-    with cupy.cuda.Device(device.index), cupy.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream):
-        _module().get_function(name)((1,), (THREADS,), args)
-
-
-def _ptr(t: torch.Tensor) -> np.uint64:
-    return np.uint64(t.data_ptr())
+    launch(_module().get_function(name), (1,), args, device, block=THREADS)
 
 
 class Handoff:
@@ -78,17 +71,17 @@ class Handoff:
     def send(self, slot: int, x: torch.Tensor, active: torch.Tensor):
         """GPU: hand layer `slot`'s input (1, dim) and mask (1, n_ff) to the CPU."""
         x, active = x.contiguous(), active.contiguous()
-        _launch("send_to_host", (_ptr(x), np.int64(x.numel() * x.element_size()), _ptr(active),
-                                 np.int64(active.numel()), _ptr(self.x_host), _ptr(self.active_host),
-                                 _ptr(self.ready[0, slot]), _ptr(self.epoch)), self.device)
+        _launch("send_to_host", (ptr(x), np.int64(x.numel() * x.element_size()), ptr(active),
+                                 np.int64(active.numel()), ptr(self.x_host), ptr(self.active_host),
+                                 ptr(self.ready[0, slot]), ptr(self.epoch)), self.device)
 
     def receive(self, slot: int, y_gpu: torch.Tensor) -> torch.Tensor:
         """GPU: y_gpu + the CPU's result for layer `slot`, once the CPU has raised its flag."""
         y_gpu = y_gpu.contiguous()
         out = torch.empty_like(y_gpu)
-        _launch("add_from_host", (_ptr(y_gpu), _ptr(self.y_host), _ptr(out), np.int32(y_gpu.numel()),
-                                  np.int32(DTYPE_CODES[y_gpu.dtype]), _ptr(self.ready[1, slot]), _ptr(self.epoch),
-                                  _ptr(self.error), np.int64(TIMEOUT_S * 1e9)), self.device)
+        _launch("add_from_host", (ptr(y_gpu), ptr(self.y_host), ptr(out), np.int32(y_gpu.numel()),
+                                  np.int32(DTYPE_CODES[y_gpu.dtype]), ptr(self.ready[1, slot]), ptr(self.epoch),
+                                  ptr(self.error), np.int64(TIMEOUT_S * 1e9)), self.device)
         return out
 
     def run_cpu(self):

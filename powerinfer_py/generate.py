@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kernels import use_decode_kernels
+
 from .errors import InputError
 from .sampling import Sampler, SamplingParams
 
@@ -42,7 +44,10 @@ def _sync(device):
 class Generator:
     """Runs a Transformer (dense or hybrid) with a preallocated KV cache of `max_len` positions."""
 
-    def __init__(self, model, max_len: int, use_cuda_graph: bool = True, prefill_chunk: int = PREFILL_CHUNK):
+    def __init__(self, model, max_len: int, use_cuda_graph: bool = True, prefill_chunk: int = PREFILL_CHUNK,
+                 decode_kernels: bool = True):
+        """decode_kernels: one-token CUDA steps run attention, norms and predictors on kernels.decode's fused
+        kernels (the model's modules are switched in place)."""
         self.model = model
         self.device = model.tok_embeddings.weight.device
         self.max_len = max_len
@@ -52,6 +57,8 @@ class Generator:
         host_steps = any(getattr(layer.feed_forward, "splits", False) for layer in model.layers) \
             and getattr(model, "handoff", None) is None
         self.use_graph = use_cuda_graph and self.device.type == "cuda" and not host_steps
+        if decode_kernels and self.device.type == "cuda":
+            use_decode_kernels(model)
         self.graphs = {}  # attended cache length -> replay function of its captured step
         # all GPU work on one stream of our own: graph capture needs a side stream, and every stream that runs a
         # matrix product holds a cuBLAS workspace (the VRAM ledger charges one)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from kernels import FFNRows
+from kernels.decode import attention_workspace_bytes
 from powerinfer_py.config import ModelConfig
 from powerinfer_py.errors import BudgetError, InputError
 from powerinfer_py.generate import PREFILL_CHUNK
@@ -138,8 +139,9 @@ SMALL_BUFFERS_BYTES = 64 << 10  # static decode inputs, hit counters, RoPE table
 
 def runtime_bytes(cfg: ModelConfig) -> int:
     """The hybrid engine's own buffers: each layer's bool mask of GPU neurons (rounded to the allocator's 512 B
-    blocks), and the small tensors of a decode step."""
-    return cfg.n_layers * (-(-cfg.n_ff // 512) * 512) + SMALL_BUFFERS_BYTES
+    blocks), the decode attention's split partials (kernels.decode) and the small tensors of a decode step."""
+    return (cfg.n_layers * (-(-cfg.n_ff // 512) * 512) + attention_workspace_bytes(cfg.n_heads, cfg.head_dim)
+            + SMALL_BUFFERS_BYTES)
 
 
 def stream_bytes(cfg: ModelConfig, bytes_per_neuron: int, tokens: int) -> int:

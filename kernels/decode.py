@@ -1,0 +1,198 @@
+"""The dense half of a one-token decode step as fused CUDA kernels (kernels/decode.cu), with plain torch references.
+
+At 7B shapes a decode layer's attention, norms and predictor were ~25 small torch/cuBLAS kernels, each a few
+microseconds even when it moves little; here they are six: matrix-vector products with their epilogue (ReLU, or
+the predictor's threshold straight to a bool mask), one RMSNorm, RoPE fused with the KV-cache write, and attention
+over the cache up to the query's position (split over keys, the splits combined by the last block of each head).
+
+`use_decode_kernels(model)` switches a model's RMSNorm, Attention and Predictor modules in place to subclasses
+that run these kernels for one-token CUDA steps in fp16/bf16; every other call (prefill, CPU, fp32) runs the
+model's own torch code, which is also what the tests compare the kernels with. CuPy is imported on first launch.
+"""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from powerinfer_py.model import Attention, Predictor, RMSNorm
+
+DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2}
+EPILOGUES = {"store": 0, "relu": 1, "at_least": 2}  # the order of decode.cu's enum
+GEMV_WARPS = 8  # rows per block (one warp each)
+GEMV_MAX_K = 24 << 10  # x is staged in shared memory: 2 bytes an element, at most 48 KB
+NORM_THREADS = 512
+ATTENTION_THREADS = 128
+ATTENTION_MAX_SPLITS = 32  # key splits per head at most; each leaves hd + 2 fp32 values
+ATTENTION_MIN_CHUNK = 64  # keys per split at least
+
+
+def attention_workspace_bytes(n_heads: int, head_dim: int) -> int:
+    """Device memory of the attention's split partials and per-head counters (the VRAM ledger charges it)."""
+    return 4 * n_heads * (ATTENTION_MAX_SPLITS * (head_dim + 2) + 1)
+
+
+@functools.cache
+def _module():
+    import cupy
+
+    names = [f"gemv<{dt},{e}>" for dt in DTYPE_CODES.values() for e in EPILOGUES.values()]
+    names += [f"{k}<{dt}>" for k in ("rms_norm", "rope_kv", "decode_attention") for dt in DTYPE_CODES.values()]
+    src = Path(__file__).with_name("decode.cu").read_text()
+    return cupy.RawModule(code=src, options=("-std=c++17",), name_expressions=names)
+
+
+def _launch(name: str, grid, block: int, args, device, shared_mem: int = 0):
+    """Launch decode.cu's `name` (template arguments included); tensors pass as addresses, ints as int32, floats
+    as float32."""
+    from .cuda import launch, ptr
+
+    args = tuple(ptr(a) if torch.is_tensor(a) else np.float32(a) if isinstance(a, float) else np.int32(a)
+                 for a in args)
+    launch(_module().get_function(name), grid, args, device, shared_mem, block)
+
+
+# ---------------------------------------------------------------- the kernels, each with its reference
+
+def gemv(weight: torch.Tensor, x: torch.Tensor, epilogue: str = "store", threshold: float = 0.0) -> torch.Tensor:
+    """weight (n, k) @ x (k,) for one token: the product in x's dtype, its ReLU, or the bool mask product >=
+    threshold. fp32 sums; reads each weight once in 16-byte loads."""
+    n, k = weight.shape
+    out = torch.empty(n, dtype=torch.bool if epilogue == "at_least" else x.dtype, device=x.device)
+    _launch(f"gemv<{DTYPE_CODES[x.dtype]},{EPILOGUES[epilogue]}>", (-(-n // GEMV_WARPS),), 32 * GEMV_WARPS,
+            (weight, x, n, k, float(threshold), out), x.device, shared_mem=2 * k)
+    return out
+
+
+def gemv_reference(weight, x, epilogue="store", threshold=0.0):
+    y = F.linear(x, weight)
+    return F.relu(y) if epilogue == "relu" else y >= threshold if epilogue == "at_least" else y
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """model.RMSNorm over the last dimension of a contiguous x, one block per row."""
+    out = torch.empty_like(x)
+    d = x.shape[-1]
+    _launch(f"rms_norm<{DTYPE_CODES[x.dtype]}>", (x.numel() // d,), NORM_THREADS, (x, weight, d, float(eps), out),
+            x.device)
+    return out
+
+
+def rms_norm_reference(x, weight, eps):
+    return F.rms_norm(x, (x.shape[-1],), eps=eps) * weight
+
+
+def rope_kv(qkv, cos, sin, pos, k_cache, v_cache, n_heads: int) -> torch.Tensor:
+    """One token's q with RoPE applied (n_heads * hd,); k (with RoPE) and v written into the caches (1, n_kv,
+    max_len, hd) at position pos (a (1,) int64 tensor). cos and sin as model.rope_cos_sin gives them."""
+    _, n_kv, max_len, hd = k_cache.shape
+    q = torch.empty(n_heads * hd, dtype=qkv.dtype, device=qkv.device)
+    _launch(f"rope_kv<{DTYPE_CODES[qkv.dtype]}>", (n_heads + 2 * n_kv,), hd,
+            (qkv, cos, sin, pos, n_heads, n_kv, hd, max_len, q, k_cache, v_cache), qkv.device)
+    return q
+
+
+def rope_kv_reference(qkv, cos, sin, pos, k_cache, v_cache, n_heads: int):
+    from powerinfer_py.model import apply_rope
+
+    _, n_kv, _, hd = k_cache.shape
+    q_dim, kv_dim = n_heads * hd, n_kv * hd
+    qk = apply_rope(qkv[: q_dim + kv_dim].view(-1, hd), cos.view(1, hd), sin.view(1, hd))
+    k_cache[0, :, pos] = qk[n_heads:].unsqueeze(1)
+    v_cache[0, :, pos] = qkv[q_dim + kv_dim:].view(n_kv, 1, hd)
+    return qk[:n_heads].reshape(-1)
+
+
+@functools.cache
+def _attention_workspace(device: torch.device, n_heads: int, head_dim: int):
+    """Split partials and per-head counters (zero; the kernel leaves them zero), shared by a model's layers."""
+    partial = torch.empty(n_heads * ATTENTION_MAX_SPLITS * (head_dim + 2), dtype=torch.float32, device=device)
+    return partial, torch.zeros(n_heads, dtype=torch.int32, device=device)
+
+
+def attention_splits(max_len: int) -> tuple[int, int]:
+    """(splits, keys per split) for a cache of max_len positions."""
+    splits = max(1, min(ATTENTION_MAX_SPLITS, -(-max_len // ATTENTION_MIN_CHUNK)))
+    return splits, -(-max_len // splits)
+
+
+def decode_attention(q, k_cache, v_cache, pos, n_heads: int) -> torch.Tensor:
+    """Softmax attention (scale 1/sqrt(hd)) of one query (n_heads * hd,) over cache positions 0..pos, caches
+    (1, n_kv, max_len, hd); returns (n_heads * hd,)."""
+    _, n_kv, max_len, hd = k_cache.shape
+    splits, chunk = attention_splits(max_len)
+    partial, counters = _attention_workspace(q.device, n_heads, hd)
+    out = torch.empty_like(q)
+    _launch(f"decode_attention<{DTYPE_CODES[q.dtype]}>", (n_heads, splits), ATTENTION_THREADS,
+            (q, k_cache, v_cache, pos, n_heads, n_kv, hd, max_len, chunk, float(hd ** -0.5), partial, counters, out),
+            q.device, shared_mem=4 * (hd + chunk))
+    return out
+
+
+def decode_attention_reference(q, k_cache, v_cache, pos, n_heads: int):
+    _, n_kv, _, hd = k_cache.shape
+    n = int(pos) + 1
+    y = F.scaled_dot_product_attention(q.view(1, n_heads, 1, hd), k_cache[:, :, :n], v_cache[:, :, :n],
+                                       enable_gqa=n_kv != n_heads)
+    return y.reshape(-1)
+
+
+# ---------------------------------------------------------------- the model's modules on the kernels
+
+def _fits(x: torch.Tensor, *weights: torch.Tensor) -> bool:
+    """Whether the kernels take x: contiguous fp16/bf16 on CUDA, 16-byte aligned, weights of its dtype."""
+    return (x.is_cuda and x.dtype in DTYPE_CODES and x.is_contiguous() and x.data_ptr() % 16 == 0
+            and all(w.dtype == x.dtype and w.is_contiguous() for w in weights))
+
+
+def _gemv_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    k = weight.shape[1]
+    return k % 8 == 0 and k <= GEMV_MAX_K and weight.data_ptr() % 16 == 0
+
+
+class FusedRMSNorm(RMSNorm):
+    def forward(self, x):
+        if not _fits(x, self.weight):
+            return super().forward(x)
+        return rms_norm(x, self.weight, self.eps)
+
+
+class FusedAttention(Attention):
+    def forward(self, x, cos, sin, input_pos, kv_len, mask=None):
+        cache = self.kv_cache
+        if (mask is None or x.numel() != x.shape[-1] or not _fits(x, self.wqkv.weight, self.wo.weight, cos, sin)
+                or not _gemv_fits(x, self.wqkv.weight) or not _gemv_fits(x, self.wo.weight)
+                or cache.k.shape[0] != 1 or cache.k.dtype != x.dtype or self.head_dim > 1024):
+            return super().forward(x, cos, sin, input_pos, kv_len, mask)
+        qkv = gemv(self.wqkv.weight, x.view(-1))
+        q = rope_kv(qkv, cos, sin, input_pos, cache.k, cache.v, self.n_heads)
+        y = decode_attention(q, cache.k, cache.v, input_pos, self.n_heads)
+        return gemv(self.wo.weight, y).view(x.shape)
+
+
+class FusedPredictor(Predictor):
+    def forward(self, p):
+        w1, w2 = self.fc1.weight, self.fc2.weight
+        if p.numel() != p.shape[-1] or not _fits(p, w1, w2) or not _gemv_fits(p, w1) or not _gemv_fits(p, w2):
+            return super().forward(p)
+        hidden = gemv(w1, p.view(-1), "relu")
+        return gemv(w2, hidden, "at_least", self.threshold).view(*p.shape[:-1], -1)
+
+
+FUSED = {RMSNorm: FusedRMSNorm, Attention: FusedAttention, Predictor: FusedPredictor}
+
+
+def use_decode_kernels(model) -> int:
+    """Switch the model's RMSNorm, Attention and Predictor modules to their fused subclasses, in place (same
+    parameters, buffers and hooks); returns how many were switched. Modules added later (predictors attached
+    after this call) keep their class."""
+    switched = 0
+    for module in model.modules():
+        fused = FUSED.get(type(module))
+        if fused is not None:
+            module.__class__ = fused
+            switched += 1
+    return switched

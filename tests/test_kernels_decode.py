@@ -1,0 +1,143 @@
+"""The fused one-token decode kernels against float64 math and against the torch modules they replace."""
+import pytest
+import torch
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+pytest.importorskip("cupy")
+from kernels import decode  # noqa: E402
+from powerinfer_py.config import ModelConfig  # noqa: E402
+from powerinfer_py.generate import Generator  # noqa: E402
+from powerinfer_py.model import Predictor, Transformer  # noqa: E402
+
+DTYPES = [torch.float16, torch.bfloat16]
+ULP = {torch.float16: 2 ** -10, torch.bfloat16: 2 ** -7}
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,k", [(1, 8), (37, 1000), (1000, 4096), (12288, 4096), (11008, 1024), (576, 24576)])
+def test_gemv_matches_float64(dtype, n, k):
+    w = torch.randn(n, k, device="cuda").to(dtype)
+    x = torch.randn(k, device="cuda").to(dtype)
+    want = w.double() @ x.double()
+    got = decode.gemv(w, x)
+    assert got.dtype == dtype and rel_err(got, want) < 2 * ULP[dtype]
+    assert rel_err(decode.gemv(w, x, "relu"), want.clamp_min(0)) < 2 * ULP[dtype]
+    threshold = float(want.median())
+    mask = decode.gemv(w, x, "at_least", threshold)
+    rounded = want.to(dtype).double()  # the torch op compares the product rounded to the dtype
+    near = (want - threshold).abs() <= 4 * ULP[dtype] * want.abs().max()
+    assert mask.dtype == torch.bool and torch.equal(mask[~near], (rounded >= threshold)[~near])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,d", [(1, 576), (1, 4096), (5, 8192), (3, 100)])
+def test_rms_norm_matches_the_module(dtype, rows, d):
+    x = (3 * torch.randn(rows, d, device="cuda")).to(dtype)
+    w = torch.randn(d, device="cuda").to(dtype)
+    got = decode.rms_norm(x, w, 1e-5)
+    want = decode.rms_norm_reference(x, w, 1e-5)
+    # both round the normalised x once and the product once: at most a unit in the last place apart
+    assert ((got.double() - want.double()).abs() <= ULP[dtype] * want.double().abs() * 2 + 1e-30).all()
+    exact = x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-5) * w.double()
+    assert rel_err(got, exact) < 2 * ULP[dtype]
+
+
+def cache(n_kv, max_len, hd, dtype):
+    return (torch.randn(1, n_kv, max_len, hd, device="cuda").to(dtype),
+            torch.randn(1, n_kv, max_len, hd, device="cuda").to(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n_heads,n_kv,hd", [(9, 3, 64), (32, 32, 128), (4, 1, 32)])
+def test_rope_kv_matches_the_model(dtype, n_heads, n_kv, hd):
+    max_len, pos = 50, torch.tensor([17], device="cuda")
+    qkv = torch.randn((n_heads + 2 * n_kv) * hd, device="cuda").to(dtype)
+    angles = torch.rand(hd // 2, device="cuda") * 6
+    cos = torch.cat((angles.cos(), angles.cos())).to(dtype).view(1, hd)
+    sin = torch.cat((-angles.sin(), angles.sin())).to(dtype).view(1, hd)
+    k, v = cache(n_kv, max_len, hd, dtype)
+    k_want, v_want = k.clone(), v.clone()
+    q = decode.rope_kv(qkv, cos, sin, pos, k, v, n_heads)
+    q_want = decode.rope_kv_reference(qkv, cos, sin, pos, k_want, v_want, n_heads)
+    tol = ULP[dtype] * 2 * qkv.abs().max().item()
+    assert (q - q_want).abs().max().item() <= tol
+    assert (k - k_want).abs().max().item() <= tol and torch.equal(v, v_want)
+    untouched = torch.arange(max_len, device="cuda") != 17
+    assert torch.equal(k[:, :, untouched], k_want[:, :, untouched])
+
+
+def attention_float64(q, k, v, pos, n_heads):
+    _, n_kv, _, hd = k.shape
+    n = pos + 1
+    q = q.double().view(n_heads, 1, hd)
+    k = k[0, :, :n].double().repeat_interleave(n_heads // n_kv, 0)
+    v = v[0, :, :n].double().repeat_interleave(n_heads // n_kv, 0)
+    p = torch.softmax(q @ k.transpose(1, 2) / hd ** 0.5, -1)
+    return (p @ v).reshape(-1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n_heads,n_kv,hd", [(9, 3, 64), (32, 32, 128), (8, 1, 128)])
+@pytest.mark.parametrize("max_len", [100, 512, 4096])
+def test_decode_attention_matches_float64(dtype, n_heads, n_kv, hd, max_len):
+    k, v = cache(n_kv, max_len, hd, dtype)
+    q = torch.randn(n_heads * hd, device="cuda").to(dtype)
+    # one split, several, the last position; again at earlier positions: the per-head counters start over
+    for pos in (0, 63, 64, 99, max_len - 1, 5):
+        if pos >= max_len:
+            continue
+        p = torch.tensor([pos], device="cuda")
+        got = decode.decode_attention(q, k, v, p, n_heads)
+        want = attention_float64(q, k, v, pos, n_heads)
+        assert rel_err(got, want) < 4 * ULP[dtype], pos
+        assert rel_err(decode.decode_attention_reference(q, k, v, p, n_heads), want) < 4 * ULP[dtype]
+
+
+def test_attention_splits_cover_the_cache():
+    for max_len in (1, 63, 64, 65, 100, 2048, 2049, 100000):
+        splits, chunk = decode.attention_splits(max_len)
+        assert 1 <= splits <= decode.ATTENTION_MAX_SPLITS and splits * chunk >= max_len
+        assert chunk >= min(max_len, decode.ATTENTION_MIN_CHUNK)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_predictor_mask_matches_the_module(dtype):
+    pred = Predictor(256, 64, 1000, threshold=0.25).cuda().to(dtype)
+    p = torch.randn(1, 1, 256, device="cuda").to(dtype)
+    with torch.no_grad():
+        logits = pred.logits(p).double()
+        want = pred(p)
+        decode.use_decode_kernels(pred)
+        got = pred(p)
+    assert type(pred) is decode.FusedPredictor and got.shape == want.shape
+    near = (logits - 0.25).abs() <= 4 * ULP[dtype] * logits.abs().max()
+    assert torch.equal(got[~near], want[~near])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_model_decode_on_the_kernels_matches_torch(dtype):
+    """Whole one-token steps (eager and in CUDA graphs) with the modules switched, against the model's own
+    torch code: logits close at every step, greedy tokens equal."""
+    cfg = ModelConfig(dim=256, n_layers=3, n_heads=8, n_kv_heads=2, head_dim=32, n_ff=512, vocab_size=300,
+                      norm_eps=1e-5, ffn_act="relu", max_seq_len=512)
+    torch.manual_seed(0)
+    plain = Transformer(cfg).to("cuda", dtype)
+    for p in plain.parameters():
+        p.data.normal_(0, 0.05)
+    fused = Transformer(cfg).to("cuda", dtype)
+    fused.load_state_dict(plain.state_dict())
+    assert decode.use_decode_kernels(fused) == 3 * cfg.n_layers + 1
+    prompt = [5, 17, 42, 7, 99]
+    for use_graph in (False, True):
+        want, _ = Generator(plain, 300, use_cuda_graph=use_graph, decode_kernels=False).generate(prompt, 40)
+        got, _ = Generator(fused, 300, use_cuda_graph=use_graph).generate(prompt, 40)
+        assert got == want
+    gens = [Generator(m, 64, decode_kernels=False) for m in (plain, fused)]
+    logits = [g.prefill(prompt) for g in gens]
+    for step in range(8):
+        logits = [g.decode(step + 3, len(prompt) + step) for g in gens]
+        assert rel_err(logits[1], logits[0]) < 8 * ULP[dtype]
