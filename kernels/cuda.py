@@ -45,7 +45,7 @@ def _sm_count(index: int) -> int:
 
 def ptr(t: torch.Tensor) -> np.uint64:
     """A tensor's device address as a kernel argument."""
-    return np.uint64(t.dataptr())
+    return np.uint64(t.data_ptr())
 
 
 def launch(kernel, grid, args, device: torch.device, shared_mem: int = 0, block: int = THREADS):
@@ -62,7 +62,7 @@ def _tile(T: int) -> int:
 def _kernel_x(x: torch.Tensor, rows: FFNRows) -> torch.Tensor:
     """x as gate_up reads it (8 elements at a time, in 16-byte loads): x itself when it is contiguous, d a
     multiple of 8 and 16-byte aligned (the kernels convert it in registers); else a zero-padded fp32 copy."""
-    if x.is_contiguous() and rows.d % 8 == 0 and x.dataptr() % 16 == 0:
+    if x.is_contiguous() and rows.d % 8 == 0 and x.data_ptr() % 16 == 0:
         return x
     xf = x.new_zeros((x.shape[0], -(-rows.d // 8) * 8), dtype=torch.float32)
     xf[:, : rows.d] = x
