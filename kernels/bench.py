@@ -210,6 +210,60 @@ def down_split_sweep(timer, records):
     cuda_backend.DOWN_BLOCKS_PER_SM = default
 
 
+def gate_up_rows_sweep(timer, records):
+    """sparse_ffn (7B, f16) with fewer candidate rows per gate_up block (more blocks): cuda.ROWS_PER_BLOCK."""
+    from . import cuda as cuda_backend
+    default = cuda_backend.ROWS_PER_BLOCK
+    d, n_ff = SHAPES["7B"]
+    rows = random_rows(d, n_ff, "f16")
+    x = [torch.randn(1, d, device="cuda", dtype=torch.float16) for _ in range(ROWS_PER_CALL)]
+    out = torch.empty(1, d, device="cuda", dtype=torch.float16)
+    for density in (0.1, 0.3, 0.5):
+        active = [random_mask(1, n_ff, density).cuda() for _ in range(ROWS_PER_CALL)]
+        for rows_per_block in (8, 16, 32):
+            cuda_backend.ROWS_PER_BLOCK = rows_per_block
+            t = timer.seconds(lambda i: sparse_ffn(x[i], rows, active[i], out=out))
+            records.append(dict(device="gpu", shape="7B", weight_type="f16", density=density, T=1,
+                                impl=f"gate_up sweep: {rows_per_block} rows per block", us=t * 1e6))
+    cuda_backend.ROWS_PER_BLOCK = default
+
+
+def decode_bench(timer, copy_bw, records):
+    """kernels.decode (one token, fp16, 7B shapes) beside the torch ops they replace: the matrix-vector products
+    of attention and predictor with their epilogues, RMSNorm, attention over a 512-position cache."""
+    import torch.nn.functional as F
+
+    from . import decode
+    d, n_ff, rank, max_len, n_heads, hd = 4096, 11008, 1024, 512, 32, 128
+    for name, (n, k), epilogue in (("wqkv", (3 * d, d), "store"), ("wo", (d, d), "store"),
+                                   ("predictor fc1", (rank, d), "relu"), ("predictor fc2", (n_ff, rank), "at_least")):
+        w = [torch.randn(n, k, device="cuda", dtype=torch.float16) / k ** 0.5 for _ in range(ROWS_PER_CALL)]
+        x = [torch.randn(k, device="cuda", dtype=torch.float16) for _ in range(ROWS_PER_CALL)]
+        nbytes = n * k * 2
+        for impl, step in ((f"gemv {name} ({epilogue})", lambda i: decode.gemv(w[i], x[i], epilogue)),
+                           (f"torch {name} ({epilogue})", lambda i: decode.gemv_reference(w[i], x[i], epilogue))):
+            t = timer.seconds(step)
+            records.append(dict(device="gpu", shape="7B", weight_type="f16", density=1.0, T=1, impl=impl,
+                                us=t * 1e6, bytes=nbytes, GBs=nbytes / t / 1e9, ceiling_GBs=copy_bw / 1e9))
+        w = x = None
+    x = torch.randn(1, d, device="cuda", dtype=torch.float16)
+    weight = torch.randn(d, device="cuda", dtype=torch.float16)
+    for impl, step in (("rms_norm", lambda i: decode.rms_norm(x, weight, 1e-5)),
+                       ("torch rms_norm * weight", lambda i: decode.rms_norm_reference(x, weight, 1e-5))):
+        records.append(dict(device="gpu", shape="7B", weight_type="f16", density=1.0, T=1, impl=impl,
+                            us=timer.seconds(step) * 1e6))
+    k, v = (torch.randn(1, n_heads, max_len, hd, device="cuda", dtype=torch.float16) for _ in range(2))
+    q = torch.randn(n_heads * hd, device="cuda", dtype=torch.float16)
+    for pos in (100, 500):
+        p = torch.tensor([pos], device="cuda")
+        mask = torch.arange(max_len, device="cuda")[None, :] <= p[:, None]
+        qh = q.view(1, n_heads, 1, hd)
+        for impl, step in (("decode_attention", lambda i: decode.decode_attention(q, k, v, p, n_heads)),
+                           ("torch SDPA, masked cache", lambda i: F.scaled_dot_product_attention(qh, k, v, mask))):
+            records.append(dict(device="gpu", shape="7B", weight_type="f16", density=(pos + 1) / max_len, T=1,
+                                impl=f"{impl} (position {pos} of {max_len})", us=timer.seconds(step) * 1e6))
+
+
 # ---------------------------------------------------------------- CPU
 
 CPU_WEIGHT_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
@@ -379,12 +433,15 @@ def print_table(records):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cpu-only", action="store_true")
-    parser.add_argument("--cpu-shapes", default="7B,70B")
+    parser.add_argument("--cpu-shapes", default="7B,70B", help='comma-separated; "" for none')
     parser.add_argument("--cpu-weight-types", default=None, help="comma-separated (default: f32, or all with "
                         "--cpu-compare)")
     parser.add_argument("--cpu-compare", action="store_true",
                         help="every weight type on the CPU, the candidate kernels that lost, a CPU token sweep")
     parser.add_argument("--flush-mib", type=int, default=640, help="bytes read between CPU calls (over the L3)")
+    parser.add_argument("--gpu-sections", default="ffn,tokens,down,gate_up,decode",
+                        help="comma-separated GPU parts: ffn (the sparse kernels), tokens, down and gate_up (the "
+                        "sweeps), decode (kernels.decode)")
     parser.add_argument("--json", help="write the records here")
     args = parser.parse_args(argv)
     records, meta = [], dict(torch=torch.__version__, cpu_threads=torch.get_num_threads())
@@ -392,11 +449,17 @@ def main(argv=None):
         meta["gpu"] = torch.cuda.get_device_name(0)
         timer = GpuTimer()
         meta["copy_GBs"] = copy_bandwidth() / 1e9
-        gpu_bench(timer, meta["copy_GBs"] * 1e9, records)
-        token_sweep(timer, records)
-        down_split_sweep(timer, records)
-    cpu_bench(records, args.flush_mib << 20, args.cpu_shapes.split(","), args.cpu_compare,
-              args.cpu_weight_types and args.cpu_weight_types.split(","))
+        sections = args.gpu_sections.split(",")
+        for name, run in (("ffn", lambda: gpu_bench(timer, meta["copy_GBs"] * 1e9, records)),
+                          ("tokens", lambda: token_sweep(timer, records)),
+                          ("down", lambda: down_split_sweep(timer, records)),
+                          ("gate_up", lambda: gate_up_rows_sweep(timer, records)),
+                          ("decode", lambda: decode_bench(timer, meta["copy_GBs"] * 1e9, records))):
+            if name in sections:
+                run()
+    if args.cpu_shapes:  # "" skips the CPU part
+        cpu_bench(records, args.flush_mib << 20, args.cpu_shapes.split(","), args.cpu_compare,
+                  args.cpu_weight_types and args.cpu_weight_types.split(","))
     print(json.dumps(meta))
     print_table(records)
     if args.json:

@@ -21,7 +21,7 @@ DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # of x an
 TOKEN_TILES = (1, 2, 4, 8)  # tokens per launch the kernels are compiled for
 THREADS = 256  # 8 warps; the kernels assume it
 COLS_PER_BLOCK = 256
-ROWS_PER_BLOCK = 32  # gate_up: candidate rows per block
+ROWS_PER_BLOCK = 32  # gate_up: candidate rows per block (kernels.bench sweeps it)
 SEGMENT = 1024  # gate_up: row elements per work item
 GATE_UP_SMEM = 24 << 10  # gate_up's dynamic shared memory at most (its 18 KB static stay under 48 KB)
 # From this many tokens on, float rows go through cuBLAS over all rows (measured by `python -m kernels.bench`).
@@ -29,13 +29,18 @@ DENSE_MIN_TOKENS = 4
 DOWN_BLOCKS_PER_SM = 4  # down_partial: row splits x column blocks ~ this many blocks per SM (kernels.bench sweeps it)
 
 
-@functools.cache
 def _module(weight_type: str) -> cupy.RawModule:
+    return _compiled(weight_type, ROWS_PER_BLOCK)
+
+
+@functools.cache
+def _compiled(weight_type: str, rows_per_block: int) -> cupy.RawModule:
     wt = WEIGHT_CODES[weight_type]
     names = [f"gate_up<{wt},{xt},{tt}>" for xt in DTYPE_CODES.values() for tt in TOKEN_TILES]
     names += [f"down_partial<{wt},{tt}>" for tt in TOKEN_TILES] + [f"down_reduce<{o}>" for o in DTYPE_CODES.values()]
     src = Path(__file__).with_name("sparse_ffn.cu").read_text()
-    return cupy.RawModule(code=src, options=("-std=c++17",), name_expressions=names)
+    return cupy.RawModule(code=src, options=("-std=c++17", f"-DROWS_PER_BLOCK={rows_per_block}"),
+                          name_expressions=names)
 
 
 @functools.cache
@@ -48,10 +53,17 @@ def ptr(t: torch.Tensor) -> np.uint64:
     return np.uint64(t.data_ptr())
 
 
+@functools.lru_cache(maxsize=64)
+def _cupy_stream(handle: int, device_index: int):
+    """CuPy's view of a torch stream, made once per stream."""
+    return cupy.cuda.ExternalStream(handle, device_index)
+
+
 def launch(kernel, grid, args, device: torch.device, shared_mem: int = 0, block: int = THREADS):
     """Launch a CuPy kernel on torch's current stream of `device` (so it is ordered with torch's work and can be
     captured in torch's CUDA graphs)."""
-    with cupy.cuda.Device(device.index), cupy.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream):
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    with cupy.cuda.Device(index), _cupy_stream(torch.cuda.current_stream(device).cuda_stream, index):
         kernel(grid, (block,), args, shared_mem=shared_mem)
 
 

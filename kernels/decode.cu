@@ -24,15 +24,30 @@ template <int DT> __device__ __forceinline__ unsigned short from_f(float f) {
 
 template <int DT> __device__ __forceinline__ float round_f(float f) { return to_f<DT>(from_f<DT>(f)); }
 
-// sum over 8 packed elements of w[i] * x[i]
-template <int DT> __device__ __forceinline__ float dot8(uint4 w, uint4 x) {
-  const unsigned int ws[4] = {w.x, w.y, w.z, w.w}, xs[4] = {x.x, x.y, x.z, x.w};
-  float s = 0.f;
+// 8 packed elements to fp32 and back
+template <int DT> __device__ __forceinline__ void unpack8(uint4 r, float* v) {
+  const unsigned int w[4] = {r.x, r.y, r.z, r.w};
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    s = fmaf(to_f<DT>(ws[i] & 0xffff), to_f<DT>(xs[i] & 0xffff), s);
-    s = fmaf(to_f<DT>(ws[i] >> 16), to_f<DT>(xs[i] >> 16), s);
+    v[2 * i] = to_f<DT>(w[i] & 0xffff);
+    v[2 * i + 1] = to_f<DT>(w[i] >> 16);
   }
+}
+
+template <int DT> __device__ __forceinline__ uint4 pack8(const float* v) {
+  unsigned int w[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) w[i] = from_f<DT>(v[2 * i]) | ((unsigned int)from_f<DT>(v[2 * i + 1]) << 16);
+  return make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+// sum over 8 packed elements of w[i] * x[i]
+template <int DT> __device__ __forceinline__ float dot8(uint4 w, uint4 x) {
+  float wf[8], xf[8], s = 0.f;
+  unpack8<DT>(w, wf);
+  unpack8<DT>(x, xf);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) s = fmaf(wf[i], xf[i], s);
   return s;
 }
 
@@ -62,52 +77,89 @@ __device__ __forceinline__ float block_sum(float v) {
 
 enum { STORE = 0, RELU = 1, AT_LEAST = 2 };
 
-// y = W x for one token: W (n, k) row-major, k a multiple of 8, rows 16-byte aligned. One warp per row, UNROLL
-// 16-byte loads in flight per lane. Epilogue: STORE y, RELU relu(y) (both in the dtype), AT_LEAST a bool mask
-// y >= threshold of y rounded to the dtype (as the torch ops compare).
-#define GEMV_UNROLL 8
-template <int DT, int EPI>
+// y = W x for one token: W (n, k) row-major, k a multiple of 8, rows 16-byte aligned. Block b takes rows
+// [R b, R b + R); its threads stride over the row in 16-byte loads, R rows at once (2 R loads in flight each),
+// and the block adds their sums. Epilogue: STORE y, RELU relu(y) (both in the dtype), AT_LEAST a bool mask
+// y >= threshold of y rounded to the dtype (as the torch ops compare). Dynamic shared memory: x (2 k bytes).
+template <int DT, int EPI, int R>
 __global__ void gemv(const unsigned short* __restrict__ w, const unsigned short* __restrict__ x, int n, int k,
                      float threshold, void* __restrict__ out) {
   extern __shared__ uint4 xs[];
-  const int nvec = k / 8;
+  __shared__ float sums[R][32];
+  const int nvec = k / 8, row0 = blockIdx.x * R;
   for (int i = threadIdx.x; i < nvec; i += blockDim.x) xs[i] = __ldg(reinterpret_cast<const uint4*>(x) + i);
   __syncthreads();
-  const int lane = threadIdx.x % 32;
-  const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
-  if (row >= n) return;
-  const uint4* wr = reinterpret_cast<const uint4*>(w + (size_t)row * k);
-  float acc = 0.f;
-  int i = lane;
-  for (; i + 32 * (GEMV_UNROLL - 1) < nvec; i += 32 * GEMV_UNROLL) {
-    uint4 wv[GEMV_UNROLL];
+  const uint4* wr = reinterpret_cast<const uint4*>(w) + (size_t)row0 * nvec;
+  float acc[R];
 #pragma unroll
-    for (int u = 0; u < GEMV_UNROLL; ++u) wv[u] = __ldcs(wr + i + 32 * u);
+  for (int r = 0; r < R; ++r) acc[r] = 0.f;
+#pragma unroll 2
+  for (int i = threadIdx.x; i < nvec; i += blockDim.x) {
+    uint4 wv[R];
 #pragma unroll
-    for (int u = 0; u < GEMV_UNROLL; ++u) acc += dot8<DT>(wv[u], xs[i + 32 * u]);
+    for (int r = 0; r < R; ++r) wv[r] = row0 + r < n ? __ldcs(wr + (size_t)r * nvec + i) : make_uint4(0, 0, 0, 0);
+    const uint4 xv = xs[i];
+#pragma unroll
+    for (int r = 0; r < R; ++r) acc[r] += dot8<DT>(wv[r], xv);
   }
-  for (; i < nvec; i += 32) acc += dot8<DT>(__ldcs(wr + i), xs[i]);
-  acc = warp_sum(acc);
-  if (lane) return;
-  if (EPI == AT_LEAST) reinterpret_cast<bool*>(out)[row] = round_f<DT>(acc) >= threshold;
-  else reinterpret_cast<unsigned short*>(out)[row] = from_f<DT>(EPI == RELU ? fmaxf(acc, 0.f) : acc);
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const float v = warp_sum(acc[r]);
+    if (lane == 0) sums[r][warp] = v;
+  }
+  __syncthreads();
+  const int r = threadIdx.x;
+  if (r >= R || row0 + r >= n) return;
+  float y = 0.f;
+  for (int i = 0; i < (int)blockDim.x / 32; ++i) y += sums[r][i];
+  if (EPI == AT_LEAST) reinterpret_cast<bool*>(out)[row0 + r] = round_f<DT>(y) >= threshold;
+  else reinterpret_cast<unsigned short*>(out)[row0 + r] = from_f<DT>(EPI == RELU ? fmaxf(y, 0.f) : y);
 }
 
 // One block per row of x (rows, d): out = round(round(x * rsqrt(mean(x^2) + eps)) * weight), as
-// F.rms_norm (fp32, rounded once) followed by the weight's product in the dtype.
+// F.rms_norm (fp32, rounded once) followed by the weight's product in the dtype. d a multiple of 8, at most
+// 8 * NORM_VECS * blockDim: every element is loaded once, up front, in 16-byte loads.
+#define NORM_VECS 4
 template <int DT>
 __global__ void rms_norm(const unsigned short* __restrict__ x, const unsigned short* __restrict__ weight, int d,
                          float eps, unsigned short* __restrict__ out) {
-  x += (size_t)blockIdx.x * d;
-  out += (size_t)blockIdx.x * d;
+  const int nvec = d / 8;
+  const uint4* xr = reinterpret_cast<const uint4*>(x + (size_t)blockIdx.x * d);
+  const uint4* wr = reinterpret_cast<const uint4*>(weight);
+  uint4* outr = reinterpret_cast<uint4*>(out + (size_t)blockIdx.x * d);
+  uint4 xv[NORM_VECS], wv[NORM_VECS];
+#pragma unroll
+  for (int v = 0; v < NORM_VECS; ++v) {
+    const int i = threadIdx.x + v * blockDim.x;
+    if (i < nvec) {
+      xv[v] = __ldg(xr + i);
+      wv[v] = __ldg(wr + i);
+    }
+  }
   float ss = 0.f;
-  for (int i = threadIdx.x; i < d; i += blockDim.x) {
-    const float v = to_f<DT>(x[i]);
-    ss = fmaf(v, v, ss);
+#pragma unroll
+  for (int v = 0; v < NORM_VECS; ++v) {
+    if (threadIdx.x + v * blockDim.x < nvec) {
+      float f[8];
+      unpack8<DT>(xv[v], f);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) ss = fmaf(f[e], f[e], ss);
+    }
   }
   const float r = rsqrtf(block_sum(ss) / d + eps);
-  for (int i = threadIdx.x; i < d; i += blockDim.x)
-    out[i] = from_f<DT>(round_f<DT>(to_f<DT>(x[i]) * r) * to_f<DT>(weight[i]));
+#pragma unroll
+  for (int v = 0; v < NORM_VECS; ++v) {
+    const int i = threadIdx.x + v * blockDim.x;
+    if (i < nvec) {
+      float f[8], g[8];
+      unpack8<DT>(xv[v], f);
+      unpack8<DT>(wv[v], g);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) f[e] = round_f<DT>(f[e] * r) * g[e];
+      outr[i] = pack8<DT>(f);
+    }
+  }
 }
 
 // RoPE on one token's q and k heads and the cache write of k and v at position *pos. qkv: q (n_heads heads),
@@ -133,11 +185,13 @@ __global__ void rope_kv(const unsigned short* __restrict__ qkv, const unsigned s
 }
 
 // Attention of one query token over cache positions 0..*pos (keys at or before the query), for q (n_heads, hd)
-// and caches (n_kv, max_len, hd) (grouped-query heads share a kv head). Grid (n_heads, splits): block (h, s)
-// takes keys [s * chunk, (s + 1) * chunk) and leaves its running max, sum of exponentials and weighted sum of
-// values in partial (n_heads, splits, hd + 2); the head's last block to finish (counted in counters[h], which
-// it sets back to 0) combines them in split order into out (n_heads, hd). Dynamic shared memory: hd + chunk
-// floats.
+// and caches (n_kv, max_len, hd) (grouped-query heads share a kv head); hd = 8 G with G dividing 32. Grid
+// (n_heads, splits): block (h, s) takes keys [s * chunk, (s + 1) * chunk): its threads form groups of G, each
+// thread 8 elements of a key (one 16-byte load), each group a key at a time, 4 keys per group in flight. It
+// leaves its max score, sum of exponentials and exponential-weighted sum of values in partial (n_heads, splits,
+// hd + 2); the head's last block to finish (counted in counters[h], which it sets back to 0) combines them in
+// split order into out (n_heads, hd). Dynamic shared memory: chunk + (blockDim / G) * hd floats.
+#define ATT_UNROLL 4
 template <int DT>
 __global__ void decode_attention(const unsigned short* __restrict__ q, const unsigned short* __restrict__ k_cache,
                                  const unsigned short* __restrict__ v_cache, const long long* __restrict__ pos,
@@ -145,24 +199,39 @@ __global__ void decode_attention(const unsigned short* __restrict__ q, const uns
                                  float* __restrict__ partial, int* __restrict__ counters,
                                  unsigned short* __restrict__ out) {
   extern __shared__ float smem[];
-  float* qs = smem;            // hd: the query, scaled
-  float* scores = smem + hd;   // chunk: then their exponentials
   __shared__ bool last;
   const int h = blockIdx.x, s = blockIdx.y, splits = gridDim.y;
   const int n_keys = (int)*pos + 1;
   const int used = (n_keys + chunk - 1) / chunk;
   if (s >= used) return;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
-  const size_t kv_base = (size_t)(h / (n_heads / n_kv)) * max_len * hd;
+  const int G = hd / 8, groups = blockDim.x / G, grp = threadIdx.x / G, part = threadIdx.x % G;
+  float* scores = smem;         // chunk: the scores, then their exponentials
+  float* sums = smem + chunk;   // groups x hd: each group's weighted values
   const int start = s * chunk, n = min(chunk, n_keys - start);
-  for (int i = threadIdx.x; i < hd; i += blockDim.x) qs[i] = to_f<DT>(q[(size_t)h * hd + i]) * scale;
-  __syncthreads();
-  for (int j = warp; j < n; j += warps) {
-    const unsigned short* kr = k_cache + kv_base + (size_t)(start + j) * hd;
-    float d = 0.f;
-    for (int i = lane; i < hd; i += 32) d = fmaf(qs[i], to_f<DT>(kr[i]), d);
-    d = warp_sum(d);
-    if (lane == 0) scores[j] = d;
+  const size_t first = ((size_t)(h / (n_heads / n_kv)) * max_len + start) * G + part;  // in 16-byte vectors
+  const uint4* kr = reinterpret_cast<const uint4*>(k_cache) + first;
+  const uint4* vr = reinterpret_cast<const uint4*>(v_cache) + first;
+  float qv[8];
+  unpack8<DT>(__ldg(reinterpret_cast<const uint4*>(q + (size_t)h * hd) + part), qv);
+#pragma unroll
+  for (int e = 0; e < 8; ++e) qv[e] *= scale;
+  for (int base = 0; base < n; base += groups * ATT_UNROLL) {  // the same trips for every thread (shuffles)
+    uint4 kv[ATT_UNROLL];
+#pragma unroll
+    for (int u = 0; u < ATT_UNROLL; ++u) {
+      const int j = base + u * groups + grp;
+      kv[u] = j < n ? __ldg(kr + (size_t)j * G) : make_uint4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int u = 0; u < ATT_UNROLL; ++u) {
+      float kf[8], d = 0.f;
+      unpack8<DT>(kv[u], kf);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) d = fmaf(qv[e], kf[e], d);
+      for (int off = G / 2; off; off >>= 1) d += __shfl_xor_sync(FULL_MASK, d, off);
+      const int j = base + u * groups + grp;
+      if (part == 0 && j < n) scores[j] = d;
+    }
   }
   __syncthreads();
   float m = NEG_INF;
@@ -170,12 +239,34 @@ __global__ void decode_attention(const unsigned short* __restrict__ q, const uns
   __syncthreads();
   for (int j = threadIdx.x; j < n; j += blockDim.x) scores[j] = __expf(scores[j] - m);
   __syncthreads();
+  float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  for (int base = grp; base < n; base += groups * ATT_UNROLL) {
+    uint4 vv[ATT_UNROLL];
+#pragma unroll
+    for (int u = 0; u < ATT_UNROLL; ++u) {
+      const int j = base + u * groups;
+      vv[u] = j < n ? __ldg(vr + (size_t)j * G) : make_uint4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int u = 0; u < ATT_UNROLL; ++u) {
+      const int j = base + u * groups;
+      if (j < n) {
+        float vf[8];
+        unpack8<DT>(vv[u], vf);
+        const float p = scores[j];
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc[e] = fmaf(p, vf[e], acc[e]);
+      }
+    }
+  }
+#pragma unroll
+  for (int e = 0; e < 8; ++e) sums[grp * hd + part * 8 + e] = acc[e];
+  __syncthreads();
   float* mine = partial + ((size_t)h * splits + s) * (hd + 2);
   for (int i = threadIdx.x; i < hd; i += blockDim.x) {
-    const unsigned short* vc = v_cache + kv_base + (size_t)start * hd + i;
-    float acc = 0.f;
-    for (int j = 0; j < n; ++j) acc = fmaf(scores[j], to_f<DT>(vc[(size_t)j * hd]), acc);
-    mine[i] = acc;
+    float a = 0.f;
+    for (int g = 0; g < groups; ++g) a += sums[g * hd + i];
+    mine[i] = a;
   }
   if (threadIdx.x == 0) {
     float l = 0.f;
@@ -198,12 +289,12 @@ __global__ void decode_attention(const unsigned short* __restrict__ q, const uns
     l_all += __ldcg(p + hd + 1) * __expf(__ldcg(p + hd) - m_all);
   }
   for (int i = threadIdx.x; i < hd; i += blockDim.x) {
-    float acc = 0.f;
+    float a = 0.f;
     for (int t = 0; t < used; ++t) {
       const float* p = head + t * (hd + 2);
-      acc += __ldcg(p + i) * __expf(__ldcg(p + hd) - m_all);
+      a += __ldcg(p + i) * __expf(__ldcg(p + hd) - m_all);
     }
-    out[(size_t)h * hd + i] = from_f<DT>(acc / l_all);
+    out[(size_t)h * hd + i] = from_f<DT>(a / l_all);
   }
   if (threadIdx.x == 0) counters[h] = 0;
 }

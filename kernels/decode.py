@@ -22,12 +22,15 @@ from powerinfer_py.model import Attention, Predictor, RMSNorm
 
 DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2}
 EPILOGUES = {"store": 0, "relu": 1, "at_least": 2}  # the order of decode.cu's enum
-GEMV_WARPS = 8  # rows per block (one warp each)
+GEMV_ROWS = (8, 4, 2, 1)  # rows per block the kernel is compiled for; the most that still fill the GPU
+GEMV_THREADS = 256  # at most (fewer for short rows: one 16-byte load per thread and row)
 GEMV_MAX_K = 24 << 10  # x is staged in shared memory: 2 bytes an element, at most 48 KB
 NORM_THREADS = 512
+NORM_MAX_D = 8 * 4 * NORM_THREADS  # rms_norm holds 4 16-byte vectors per thread (NORM_VECS)
 ATTENTION_THREADS = 128
+ATTENTION_HEAD_DIMS = (8, 16, 32, 64, 128, 256)  # 8 elements a thread, a key's threads within one warp
 ATTENTION_MAX_SPLITS = 32  # key splits per head at most; each leaves hd + 2 fp32 values
-ATTENTION_MIN_CHUNK = 64  # keys per split at least
+ATTENTION_MIN_CHUNK = 32  # keys per split at least
 
 
 def attention_workspace_bytes(n_heads: int, head_dim: int) -> int:
@@ -39,7 +42,7 @@ def attention_workspace_bytes(n_heads: int, head_dim: int) -> int:
 def _module():
     import cupy
 
-    names = [f"gemv<{dt},{e}>" for dt in DTYPE_CODES.values() for e in EPILOGUES.values()]
+    names = [f"gemv<{dt},{e},{r}>" for dt in DTYPE_CODES.values() for e in EPILOGUES.values() for r in GEMV_ROWS]
     names += [f"{k}<{dt}>" for k in ("rms_norm", "rope_kv", "decode_attention") for dt in DTYPE_CODES.values()]
     src = Path(__file__).with_name("decode.cu").read_text()
     return cupy.RawModule(code=src, options=("-std=c++17",), name_expressions=names)
@@ -62,9 +65,16 @@ def gemv(weight: torch.Tensor, x: torch.Tensor, epilogue: str = "store", thresho
     threshold. fp32 sums; reads each weight once in 16-byte loads."""
     n, k = weight.shape
     out = torch.empty(n, dtype=torch.bool if epilogue == "at_least" else x.dtype, device=x.device)
-    _launch(f"gemv<{DTYPE_CODES[x.dtype]},{EPILOGUES[epilogue]}>", (-(-n // GEMV_WARPS),), 32 * GEMV_WARPS,
+    rows = next(r for r in GEMV_ROWS if r == 1 or n // r >= 4 * _sm_count(x.device))
+    threads = min(GEMV_THREADS, -(-k // 256) * 32)
+    _launch(f"gemv<{DTYPE_CODES[x.dtype]},{EPILOGUES[epilogue]},{rows}>", (-(-n // rows),), threads,
             (weight, x, n, k, float(threshold), out), x.device, shared_mem=2 * k)
     return out
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def gemv_reference(weight, x, epilogue="store", threshold=0.0):
@@ -73,7 +83,8 @@ def gemv_reference(weight, x, epilogue="store", threshold=0.0):
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """model.RMSNorm over the last dimension of a contiguous x, one block per row."""
+    """model.RMSNorm over the last dimension of a contiguous x (d a multiple of 8, at most NORM_MAX_D), one block
+    per row."""
     out = torch.empty_like(x)
     d = x.shape[-1]
     _launch(f"rms_norm<{DTYPE_CODES[x.dtype]}>", (x.numel() // d,), NORM_THREADS, (x, weight, d, float(eps), out),
@@ -115,20 +126,20 @@ def _attention_workspace(device: torch.device, n_heads: int, head_dim: int):
 
 def attention_splits(max_len: int) -> tuple[int, int]:
     """(splits, keys per split) for a cache of max_len positions."""
-    splits = max(1, min(ATTENTION_MAX_SPLITS, -(-max_len // ATTENTION_MIN_CHUNK)))
+    splits = max(1, min(ATTENTION_MAX_SPLITS, max_len // ATTENTION_MIN_CHUNK))
     return splits, -(-max_len // splits)
 
 
 def decode_attention(q, k_cache, v_cache, pos, n_heads: int) -> torch.Tensor:
     """Softmax attention (scale 1/sqrt(hd)) of one query (n_heads * hd,) over cache positions 0..pos, caches
-    (1, n_kv, max_len, hd); returns (n_heads * hd,)."""
+    (1, n_kv, max_len, hd) with hd in ATTENTION_HEAD_DIMS; returns (n_heads * hd,)."""
     _, n_kv, max_len, hd = k_cache.shape
     splits, chunk = attention_splits(max_len)
     partial, counters = _attention_workspace(q.device, n_heads, hd)
     out = torch.empty_like(q)
     _launch(f"decode_attention<{DTYPE_CODES[q.dtype]}>", (n_heads, splits), ATTENTION_THREADS,
             (q, k_cache, v_cache, pos, n_heads, n_kv, hd, max_len, chunk, float(hd ** -0.5), partial, counters, out),
-            q.device, shared_mem=4 * (hd + chunk))
+            q.device, shared_mem=4 * (chunk + ATTENTION_THREADS * 8))
     return out
 
 
@@ -155,7 +166,8 @@ def _gemv_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 class FusedRMSNorm(RMSNorm):
     def forward(self, x):
-        if not _fits(x, self.weight):
+        d = x.shape[-1]
+        if not _fits(x, self.weight) or d % 8 or d > NORM_MAX_D:
             return super().forward(x)
         return rms_norm(x, self.weight, self.eps)
 
@@ -165,7 +177,8 @@ class FusedAttention(Attention):
         cache = self.kv_cache
         if (mask is None or x.numel() != x.shape[-1] or not _fits(x, self.wqkv.weight, self.wo.weight, cos, sin)
                 or not _gemv_fits(x, self.wqkv.weight) or not _gemv_fits(x, self.wo.weight)
-                or cache.k.shape[0] != 1 or cache.k.dtype != x.dtype or self.head_dim > 1024):
+                or cache.k.shape[0] != 1 or cache.k.dtype != x.dtype or self.head_dim not in ATTENTION_HEAD_DIMS
+                or input_pos.dtype != torch.int64):
             return super().forward(x, cos, sin, input_pos, kv_len, mask)
         qkv = gemv(self.wqkv.weight, x.view(-1))
         q = rope_kv(qkv, cos, sin, input_pos, cache.k, cache.v, self.n_heads)

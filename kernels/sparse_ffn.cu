@@ -102,7 +102,9 @@ __device__ __forceinline__ float ffn_activation(float g, float u, int act, float
   return a * (act == DRELU ? fmaxf(u, 0.0f) : u);
 }
 
-#define ROWS_PER_BLOCK 32  // candidate rows per gate_up block (one warp checks them)
+#ifndef ROWS_PER_BLOCK
+#define ROWS_PER_BLOCK 32  // candidate rows per gate_up block (at most 32: lanes of one warp check them)
+#endif
 #define SEG 1024           // elements of a row per gate_up work item: 32 lanes x 32, or 32 GGUF blocks
 
 // GGUF block bytes; quantized rows are staged in shared memory, 32 blocks of each matrix per warp.
@@ -245,7 +247,8 @@ __global__ void __launch_bounds__(256) gate_up(
     const int j = blockIdx.x * ROWS_PER_BLOCK + lane;
     long long n = 0;
     int on = 0;  // bit t: token t has this row's neuron active
-    if (j < m) {
+    const bool mine = lane < ROWS_PER_BLOCK && j < m;
+    if (mine) {
       n = neuron_idx[j];
 #pragma unroll
       for (int t = 0; t < TT; ++t)
@@ -257,7 +260,7 @@ __global__ void __launch_bounds__(256) gate_up(
       list_row[k] = j;
       list_on[k] = on;
       list_neuron[k] = n;
-    } else if (j < m) {
+    } else if (mine) {
       for (int t = 0; t < T; ++t) h[t * h_stride + (full ? n : j)] = 0.0f;
     }
     if (lane == 0) n_listed = __popc(listed);
