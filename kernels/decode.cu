@@ -77,44 +77,45 @@ __device__ __forceinline__ float block_sum(float v) {
 
 enum { STORE = 0, RELU = 1, AT_LEAST = 2 };
 
-// y = W x for one token: W (n, k) row-major, k a multiple of 8, rows 16-byte aligned. Block b takes rows
-// [R b, R b + R); its threads stride over the row in 16-byte loads, R rows at once (2 R loads in flight each),
-// and the block adds their sums. Epilogue: STORE y, RELU relu(y) (both in the dtype), AT_LEAST a bool mask
-// y >= threshold of y rounded to the dtype (as the torch ops compare). Dynamic shared memory: x (2 k bytes).
-template <int DT, int EPI, int R>
-__global__ void gemv(const unsigned short* __restrict__ w, const unsigned short* __restrict__ x, int n, int k,
-                     float threshold, void* __restrict__ out) {
+// y = W x for one token: W (n, k) row-major, k a multiple of 8, rows 16-byte aligned. A block is 8 warps and
+// takes 8 / WPR rows, WPR warps a row (several for short, wide matrices, so that enough loads are in flight);
+// each lane issues GEMV_LOADS 16-byte loads at once, then adds; the row's warps add their sums in order.
+// Epilogue: STORE y, RELU relu(y) (both in the dtype), AT_LEAST a bool mask y >= threshold of y rounded to the
+// dtype (as the torch ops compare). Dynamic shared memory: x (2 k bytes).
+#define GEMV_LOADS 8
+template <int DT, int EPI, int WPR>
+__global__ void __launch_bounds__(256) gemv(const unsigned short* __restrict__ w, const unsigned short* __restrict__ x,
+                                            int n, int k, float threshold, void* __restrict__ out) {
   extern __shared__ uint4 xs[];
-  __shared__ float sums[R][32];
-  const int nvec = k / 8, row0 = blockIdx.x * R;
+  __shared__ float sums[8];
+  const int nvec = k / 8, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   for (int i = threadIdx.x; i < nvec; i += blockDim.x) xs[i] = __ldg(reinterpret_cast<const uint4*>(x) + i);
   __syncthreads();
-  const uint4* wr = reinterpret_cast<const uint4*>(w) + (size_t)row0 * nvec;
-  float acc[R];
+  const int row = blockIdx.x * (8 / WPR) + warp / WPR, stride = 32 * WPR;
+  float acc = 0.f;
+  if (row < n) {
+    const uint4* wr = reinterpret_cast<const uint4*>(w) + (size_t)row * nvec;
+    for (int i = (warp % WPR) * 32 + lane; i < nvec; i += stride * GEMV_LOADS) {
+      uint4 wv[GEMV_LOADS];
 #pragma unroll
-  for (int r = 0; r < R; ++r) acc[r] = 0.f;
-#pragma unroll 2
-  for (int i = threadIdx.x; i < nvec; i += blockDim.x) {
-    uint4 wv[R];
+      for (int u = 0; u < GEMV_LOADS; ++u)
+        wv[u] = i + stride * u < nvec ? __ldcs(wr + i + stride * u) : make_uint4(0, 0, 0, 0);
 #pragma unroll
-    for (int r = 0; r < R; ++r) wv[r] = row0 + r < n ? __ldcs(wr + (size_t)r * nvec + i) : make_uint4(0, 0, 0, 0);
-    const uint4 xv = xs[i];
-#pragma unroll
-    for (int r = 0; r < R; ++r) acc[r] += dot8<DT>(wv[r], xv);
+      for (int u = 0; u < GEMV_LOADS; ++u)
+        if (i + stride * u < nvec) acc += dot8<DT>(wv[u], xs[i + stride * u]);
+    }
   }
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-#pragma unroll
-  for (int r = 0; r < R; ++r) {
-    const float v = warp_sum(acc[r]);
-    if (lane == 0) sums[r][warp] = v;
+  acc = warp_sum(acc);
+  if (WPR > 1) {
+    if (lane == 0) sums[warp] = acc;
+    __syncthreads();
+    if (warp % WPR || lane) return;
+    acc = 0.f;
+    for (int s = 0; s < WPR; ++s) acc += sums[warp + s];
   }
-  __syncthreads();
-  const int r = threadIdx.x;
-  if (r >= R || row0 + r >= n) return;
-  float y = 0.f;
-  for (int i = 0; i < (int)blockDim.x / 32; ++i) y += sums[r][i];
-  if (EPI == AT_LEAST) reinterpret_cast<bool*>(out)[row0 + r] = round_f<DT>(y) >= threshold;
-  else reinterpret_cast<unsigned short*>(out)[row0 + r] = from_f<DT>(EPI == RELU ? fmaxf(y, 0.f) : y);
+  if (lane || row >= n) return;
+  if (EPI == AT_LEAST) reinterpret_cast<bool*>(out)[row] = round_f<DT>(acc) >= threshold;
+  else reinterpret_cast<unsigned short*>(out)[row] = from_f<DT>(EPI == RELU ? fmaxf(acc, 0.f) : acc);
 }
 
 // One block per row of x (rows, d): out = round(round(x * rsqrt(mean(x^2) + eps)) * weight), as

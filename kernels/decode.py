@@ -22,9 +22,8 @@ from powerinfer_py.model import Attention, Predictor, RMSNorm
 
 DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2}
 EPILOGUES = {"store": 0, "relu": 1, "at_least": 2}  # the order of decode.cu's enum
-GEMV_ROWS = (8, 4, 2, 1)  # rows per block the kernel is compiled for; the most that still fill the GPU
-GEMV_THREADS = 256  # at most (fewer for short rows: one 16-byte load per thread and row)
-GEMV_MAX_K = 24 << 10  # x is staged in shared memory: 2 bytes an element, at most 48 KB
+GEMV_WARPS_PER_ROW = (1, 2, 4, 8)  # compiled for; the fewest that still give every SM a few blocks
+GEMV_MAX_K = 16 << 10  # x is staged in shared memory: 2 bytes an element, 32 KB
 NORM_THREADS = 512
 NORM_MAX_D = 8 * 4 * NORM_THREADS  # rms_norm holds 4 16-byte vectors per thread (NORM_VECS)
 ATTENTION_THREADS = 128
@@ -42,7 +41,8 @@ def attention_workspace_bytes(n_heads: int, head_dim: int) -> int:
 def _module():
     import cupy
 
-    names = [f"gemv<{dt},{e},{r}>" for dt in DTYPE_CODES.values() for e in EPILOGUES.values() for r in GEMV_ROWS]
+    names = [f"gemv<{dt},{e},{w}>" for dt in DTYPE_CODES.values() for e in EPILOGUES.values()
+             for w in GEMV_WARPS_PER_ROW]
     names += [f"{k}<{dt}>" for k in ("rms_norm", "rope_kv", "decode_attention") for dt in DTYPE_CODES.values()]
     src = Path(__file__).with_name("decode.cu").read_text()
     return cupy.RawModule(code=src, options=("-std=c++17",), name_expressions=names)
@@ -65,9 +65,8 @@ def gemv(weight: torch.Tensor, x: torch.Tensor, epilogue: str = "store", thresho
     threshold. fp32 sums; reads each weight once in 16-byte loads."""
     n, k = weight.shape
     out = torch.empty(n, dtype=torch.bool if epilogue == "at_least" else x.dtype, device=x.device)
-    rows = next(r for r in GEMV_ROWS if r == 1 or n // r >= 4 * _sm_count(x.device))
-    threads = min(GEMV_THREADS, -(-k // 256) * 32)
-    _launch(f"gemv<{DTYPE_CODES[x.dtype]},{EPILOGUES[epilogue]},{rows}>", (-(-n // rows),), threads,
+    wpr = next(w for w in GEMV_WARPS_PER_ROW if w == 8 or n * w // 8 >= 2 * _sm_count(x.device))
+    _launch(f"gemv<{DTYPE_CODES[x.dtype]},{EPILOGUES[epilogue]},{wpr}>", (-(-n * wpr // 8),), 256,
             (weight, x, n, k, float(threshold), out), x.device, shared_mem=2 * k)
     return out
 

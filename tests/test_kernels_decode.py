@@ -18,7 +18,7 @@ def rel_err(a, b):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("n,k", [(1, 8), (37, 1000), (1000, 4096), (12288, 4096), (11008, 1024), (576, 24576)])
+@pytest.mark.parametrize("n,k", [(1, 8), (37, 1000), (1000, 4096), (12288, 4096), (11008, 1024), (576, 16384), (960, 576)])
 def test_gemv_matches_float64(dtype, n, k):
     w = torch.randn(n, k, device="cuda").to(dtype)
     x = torch.randn(k, device="cuda").to(dtype)
