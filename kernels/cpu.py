@@ -26,7 +26,7 @@ from powerinfer_py.atomic import atomic_file
 from powerinfer_py.model import ffn_activation
 
 from .ffn import Backend
-from .rows import FFNRows
+from .rows import DTYPE_CODES, FFNRows
 
 NATIVE_MAX_TOKENS = 8  # MAX_TOKENS in cpu_rows.c; measured: at 16 tokens the C kernels take 2x the dense product
 MIN_BYTES_PER_THREAD = 1 << 20  # of the share's rows: a small share takes fewer threads (each costs a wake-up)
@@ -35,7 +35,6 @@ DENSE_FRACTION = 0.35  # from this share of needed rows on, the torch path multi
 SOURCE = Path(__file__).with_name("cpu_rows.c")
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 WEIGHT_CODES = {"f32": 0, "f16": 1, "bf16": 2, "q8_0": 3, "q4_0": 4}
-DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # of x and y (the same codes)
 ACT_CODES = {"relu": 0, "drelu": 1, "silu": 2}
 
 

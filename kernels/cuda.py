@@ -13,11 +13,10 @@ import torch
 from powerinfer_py.model import ffn_activation
 
 from .ffn import Backend
-from .rows import FLOAT_DTYPES, FFNRows
+from .rows import DTYPE_CODES, FLOAT_DTYPES, FFNRows
 
 WEIGHT_CODES = {"f32": 0, "f16": 1, "bf16": 2, "q8_0": 3, "q4_0": 4}
 ACT_CODES = {"relu": 0, "drelu": 1, "silu": 2}
-DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # of x and of the output
 TOKEN_TILES = (1, 2, 4, 8)  # tokens per launch the kernels are compiled for
 THREADS = 256  # 8 warps; the kernels assume it
 COLS_PER_BLOCK = 256

@@ -18,9 +18,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from powerinfer_py.model import Attention, Predictor, RMSNorm
+from powerinfer_py.model import Attention, Predictor, RMSNorm, apply_rope
 
-DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2}
+from .rows import DTYPE_CODES
+
+HALF_DTYPES = (torch.float16, torch.bfloat16)  # the kernels' element types (rows.DTYPE_CODES 1 and 2)
 EPILOGUES = {"store": 0, "relu": 1, "at_least": 2}  # the order of decode.cu's enum
 GEMV_WARPS_PER_ROW = (1, 2, 4, 8)  # compiled for; the fewest that still give every SM a few blocks
 GEMV_MAX_K = 16 << 10  # x is staged in shared memory: 2 bytes an element, 32 KB
@@ -41,9 +43,10 @@ def attention_workspace_bytes(n_heads: int, head_dim: int) -> int:
 def _module():
     import cupy
 
-    names = [f"gemv<{dt},{e},{w}>" for dt in DTYPE_CODES.values() for e in EPILOGUES.values()
+    names = [f"gemv<{dt},{e},{w}>" for dt in map(DTYPE_CODES.get, HALF_DTYPES) for e in EPILOGUES.values()
              for w in GEMV_WARPS_PER_ROW]
-    names += [f"{k}<{dt}>" for k in ("rms_norm", "rope_kv", "decode_attention") for dt in DTYPE_CODES.values()]
+    names += [f"{k}<{dt}>" for k in ("rms_norm", "rope_kv", "decode_attention")
+              for dt in map(DTYPE_CODES.get, HALF_DTYPES)]
     src = Path(__file__).with_name("decode.cu").read_text()
     return cupy.RawModule(code=src, options=("-std=c++17",), name_expressions=names)
 
@@ -106,8 +109,6 @@ def rope_kv(qkv, cos, sin, pos, k_cache, v_cache, n_heads: int) -> torch.Tensor:
 
 
 def rope_kv_reference(qkv, cos, sin, pos, k_cache, v_cache, n_heads: int):
-    from powerinfer_py.model import apply_rope
-
     _, n_kv, _, hd = k_cache.shape
     q_dim, kv_dim = n_heads * hd, n_kv * hd
     qk = apply_rope(qkv[: q_dim + kv_dim].view(-1, hd), cos.view(1, hd), sin.view(1, hd))
@@ -154,7 +155,7 @@ def decode_attention_reference(q, k_cache, v_cache, pos, n_heads: int):
 
 def _fits(x: torch.Tensor, *weights: torch.Tensor) -> bool:
     """Whether the kernels take x: contiguous fp16/bf16 on CUDA, 16-byte aligned, weights of its dtype."""
-    return (x.is_cuda and x.dtype in DTYPE_CODES and x.is_contiguous() and x.data_ptr() % 16 == 0
+    return (x.is_cuda and x.dtype in HALF_DTYPES and x.is_contiguous() and x.data_ptr() % 16 == 0
             and all(w.dtype == x.dtype and w.is_contiguous() for w in weights))
 
 

@@ -18,9 +18,9 @@ import cupy
 import numpy as np
 import torch
 
-from .cpu import DTYPE_CODES, ColdStep
+from .cpu import ColdStep
 from .cuda import launch, ptr
-from .rows import FFNRows
+from .rows import DTYPE_CODES, FFNRows
 
 THREADS = 1024  # THREADS in handoff.cu
 TIMEOUT_S = 30.0  # either side waiting longer than this for the other gives up with an error

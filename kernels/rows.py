@@ -13,6 +13,9 @@ import torch
 
 from . import quant
 
+# The element types of x and of outputs, as every kernel (C, CUDA) numbers them.
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
 WEIGHT_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
 FLOAT_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 
