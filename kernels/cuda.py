@@ -25,6 +25,8 @@ SEGMENT = 1024  # gate_up: row elements per work item
 GATE_UP_SMEM = 24 << 10  # gate_up's dynamic shared memory at most (its 18 KB static stay under 48 KB)
 # From this many tokens on, float rows go through cuBLAS over all rows (measured by `python -m kernels.bench`).
 DENSE_MIN_TOKENS = 4
+ONE_TOKEN_MAX_X = 12 << 10  # gate_up_one stages x in shared memory as fp32: at most 48 KB
+DONE_COUNTERS = 4096  # column blocks of 256: rows of up to 1M elements (16 KB; the ledger's small buffers)
 DOWN_BLOCKS_PER_SM = 4  # down_partial: row splits x column blocks ~ this many blocks per SM (kernels.bench sweeps it)
 
 
@@ -36,10 +38,19 @@ def _module(weight_type: str) -> cupy.RawModule:
 def _compiled(weight_type: str, rows_per_block: int) -> cupy.RawModule:
     wt = WEIGHT_CODES[weight_type]
     names = [f"gate_up<{wt},{xt},{tt}>" for xt in DTYPE_CODES.values() for tt in TOKEN_TILES]
-    names += [f"down_partial<{wt},{tt}>" for tt in TOKEN_TILES] + [f"down_reduce<{o}>" for o in DTYPE_CODES.values()]
+    names += [f"down_partial<{wt},{tt}>" for tt in TOKEN_TILES]
+    if weight_type in FLOAT_DTYPES:
+        names += [f"gate_up_one<{wt},{xt}>" for xt in DTYPE_CODES.values()]
     src = Path(__file__).with_name("sparse_ffn.cu").read_text()
     return cupy.RawModule(code=src, options=("-std=c++17", f"-DROWS_PER_BLOCK={rows_per_block}"),
                           name_expressions=names)
+
+
+@functools.cache
+def _done_counters(device: torch.device) -> torch.Tensor:
+    """down_partial's per-column-block counts of finished splits (zero between launches: the last block resets
+    its own); one buffer per device, as launches on a device are ordered on one stream."""
+    return torch.zeros(DONE_COUNTERS, dtype=torch.int32, device=device)
 
 
 @functools.cache
@@ -90,6 +101,14 @@ class CudaBackend(Backend):
             return self._gate_up_dense(x, rows, active, act, threshold, h, full)
         xk, active = _kernel_x(x, rows), active.contiguous()
         mod, wt = _module(rows.weight_type), WEIGHT_CODES[rows.weight_type]
+        xpad = -(-rows.d // 8) * 8
+        if T == 1 and rows.weight_type in FLOAT_DTYPES and xpad <= ONE_TOKEN_MAX_X:  # a warp per row
+            kernel = mod.get_function(f"gate_up_one<{wt},{DTYPE_CODES[xk.dtype]}>")
+            args = (ptr(rows.gate), ptr(rows.up), np.int64(rows.gate.stride(0) * rows.gate.element_size()),
+                    ptr(rows.neuron_idx), np.int32(rows.m), ptr(active), ptr(xk), np.int32(rows.d), np.int32(xpad),
+                    np.int32(ACT_CODES[act]), np.float32(threshold), ptr(h), np.int32(full))
+            launch(kernel, (-(-rows.m // (THREADS // 32)),), args, x.device, 4 * xpad)
+            return
         smem_per_token = ROWS_PER_BLOCK * -(-rows.d // SEGMENT) * 2 * 4  # fp32 gate and up sums per segment
         max_tile = max(tt for tt in TOKEN_TILES if smem_per_token * tt <= GATE_UP_SMEM)
         for t0 in range(0, T, max_tile):
@@ -103,7 +122,8 @@ class CudaBackend(Backend):
             launch(kernel, (-(-rows.m // ROWS_PER_BLOCK),), args, x.device, smem_per_token * tile)
 
     def down(self, h, rows: FFNRows, y):
-        """y (T, d) = h @ down_t over the rows with h != 0; fp32 partial sums per row split, reduced in order."""
+        """y (T, d) = h @ down_t over the rows with h != 0; fp32 partial sums per row split, added in split order
+        by the last split of each column block (one launch per tile of tokens)."""
         T = h.shape[0]
         if T >= DENSE_MIN_TOKENS and rows.weight_type in FLOAT_DTYPES:
             y.copy_(h.to(rows.down_t.dtype) @ rows.down_t[:, : rows.d])
@@ -113,19 +133,15 @@ class CudaBackend(Backend):
         rows_per_split = -(-rows.m // splits)
         splits = -(-rows.m // rows_per_split)
         mod, wt = _module(rows.weight_type), WEIGHT_CODES[rows.weight_type]
-        reduce_kernel = mod.get_function(f"down_reduce<{DTYPE_CODES[y.dtype]}>")
-        h = h.contiguous()
+        h, done = h.contiguous(), _done_counters(h.device)
         for t0 in range(0, T, TOKEN_TILES[-1]):
             n = min(T - t0, TOKEN_TILES[-1])
             partial = torch.empty((splits, n, rows.d), dtype=torch.float32, device=h.device)
             kernel = mod.get_function(f"down_partial<{wt},{_tile(n)}>")
             args = (ptr(rows.down_t), np.int64(rows.down_t.stride(0) * rows.down_t.element_size()),
                     np.int32(rows.m), np.int32(rows.d), ptr(h[t0]), np.int32(n), np.int32(rows_per_split),
-                    ptr(partial))
+                    ptr(partial), ptr(done), ptr(y[t0]), np.int32(DTYPE_CODES[y.dtype]))
             launch(kernel, (col_blocks, splits), args, h.device)
-            total = n * rows.d
-            launch(reduce_kernel, (-(-total // THREADS),),
-                    (ptr(partial), np.int32(splits), np.int64(total), ptr(y[t0])), h.device)
 
     def _gate_up_dense(self, x, rows, active, act, threshold, h, full):
         """Many tokens: cuBLAS over all rows (each row read once for every token), then mask."""

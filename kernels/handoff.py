@@ -54,6 +54,9 @@ class Handoff:
                                   self.ready)
         self.on_step = on_step
         self.engaged = False  # set while a decode step is traced for a graph: split FFNs then use the hand-off
+        # send_to_host is one block: on a stream of its own (a parallel branch of the graph) the hot rows need
+        # not wait for it
+        self.side = torch.cuda.Stream(self.device)
         _module()  # compile now, not inside a step the CPU is already waiting on
 
     @contextlib.contextmanager
@@ -69,14 +72,18 @@ class Handoff:
         self.epoch += 1
 
     def send(self, slot: int, x: torch.Tensor, active: torch.Tensor):
-        """GPU: hand layer `slot`'s input (1, dim) and mask (1, n_ff) to the CPU."""
+        """GPU: hand layer `slot`'s input (1, dim) and mask (1, n_ff) to the CPU, on the side stream (joined by
+        `receive`), so the caller's stream goes on at once."""
         x, active = x.contiguous(), active.contiguous()
-        _launch("send_to_host", (ptr(x), np.int64(x.numel() * x.element_size()), ptr(active),
-                                 np.int64(active.numel()), ptr(self.x_host), ptr(self.active_host),
-                                 ptr(self.ready[0, slot]), ptr(self.epoch)), self.device)
+        self.side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.side):
+            _launch("send_to_host", (ptr(x), np.int64(x.numel() * x.element_size()), ptr(active),
+                                     np.int64(active.numel()), ptr(self.x_host), ptr(self.active_host),
+                                     ptr(self.ready[0, slot]), ptr(self.epoch)), self.device)
 
     def receive(self, slot: int, y_gpu: torch.Tensor) -> torch.Tensor:
         """GPU: y_gpu + the CPU's result for layer `slot`, once the CPU has raised its flag."""
+        torch.cuda.current_stream(self.device).wait_stream(self.side)  # send is done with x and the mask
         y_gpu = y_gpu.contiguous()
         out = torch.empty_like(y_gpu)
         _launch("add_from_host", (ptr(y_gpu), ptr(self.y_host), ptr(out), np.int32(y_gpu.numel()),

@@ -310,6 +310,65 @@ __global__ void __launch_bounds__(256) gate_up(
   }
 }
 
+// One token, float rows: h[j] (compact) or h[neuron_idx[j]] (full) = activation of row j, 0 where the neuron is
+// predicted inactive. One warp per candidate row: an inactive row costs its warp two small loads; an active one
+// is read whole, ONE_LOADS 16-byte loads of gate and of up in flight per lane (fewer for f32), against x staged
+// once per block as fp32 in shared memory (xpad floats, zero past d). Rows and x padded to a multiple of 8.
+template <int WT, int XT>
+__global__ void __launch_bounds__(256) gate_up_one(
+    const unsigned char* __restrict__ gate, const unsigned char* __restrict__ up, long long row_bytes,
+    const long long* __restrict__ neuron_idx, int m, const bool* __restrict__ active,
+    const unsigned char* __restrict__ x, int d, int xpad, int act, float threshold, float* __restrict__ h,
+    int full) {
+  constexpr int U = sizeof(typename Row<WT>::Raw) == 16 ? 8 : 4;
+  extern __shared__ float xs[];
+  for (int c = threadIdx.x * 8; c < xpad; c += blockDim.x * 8) Row<XT>::load8(x, c, xs + c);
+  __syncthreads();
+  const int lane = threadIdx.x & 31;
+  const int j = blockIdx.x * WARPS + (threadIdx.x >> 5);
+  if (j >= m) return;
+  const long long n = neuron_idx[j];
+  float* out = h + (full ? n : (long long)j);
+  if (!active[n]) {
+    if (lane == 0) *out = 0.0f;
+    return;
+  }
+  const unsigned char* grow = gate + j * row_bytes;
+  const unsigned char* urow = up + j * row_bytes;
+  float g = 0.0f, u = 0.0f;
+  for (int c0 = lane * 8; c0 < xpad; c0 += 256 * U) {
+    typename Row<WT>::Raw graw[U], uraw[U];
+#pragma unroll
+    for (int it = 0; it < U; ++it) {
+      const int c = c0 + it * 256;
+      if (c < xpad) {
+        graw[it] = Row<WT>::raw8(grow, c);
+        uraw[it] = Row<WT>::raw8(urow, c);
+      }
+    }
+#pragma unroll
+    for (int it = 0; it < U; ++it) {
+      const int c = c0 + it * 256;
+      if (c < xpad) {
+        float gv[8], uv[8];
+        Row<WT>::decode8(graw[it], gv);
+        Row<WT>::decode8(uraw[it], uv);
+#pragma unroll
+        for (int k = 0; k < 8; ++k) {
+          g = fmaf(gv[k], xs[c + k], g);
+          u = fmaf(uv[k], xs[c + k], u);
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    g += __shfl_xor_sync(FULL_MASK, g, off);
+    u += __shfl_xor_sync(FULL_MASK, u, off);
+  }
+  if (lane == 0) *out = ffn_activation(g, u, act, threshold);
+}
+
 // v[q] = this lane's 8 columns (c) of row base + lanes[q] (q < 4, lanes[q] < 0: none) of quantized rows: the
 // rows' 8 GGUF blocks under the block's 256 columns (272 or 144 bytes at a multiple of that: 16-byte aligned;
 // the last, shorter column block's bytes rounded up to 16 stay inside the padded row) are copied to the warp's
@@ -346,12 +405,15 @@ __device__ __forceinline__ void load_quant_rows(const unsigned char* down, long 
 
 // partial[s, t, c] = sum over rows r of split s (ascending) with h[t, r] != 0 of h[t, r] * down[r, c].
 // Block (blockIdx.x, blockIdx.y = s) covers 256 columns; its 8 warps take 32-row groups in turn, read only the
-// rows some token needs (ballot over h), 4 rows in flight, and add their sums in warp order.
+// rows some token needs (ballot over h), 8 rows in flight (4 for quantized rows), and add their sums in warp
+// order.
 template <int WT, int TT>
 __global__ void __launch_bounds__(256) down_partial(
     const unsigned char* __restrict__ down, long long row_bytes, int m, int d,
-    const float* __restrict__ h, int T, int rows_per_split, float* __restrict__ partial) {
-  __shared__ float red[TT * 256];
+    const float* __restrict__ h, int T, int rows_per_split, float* __restrict__ partial, int* __restrict__ done,
+    void* __restrict__ y, int out_type) {
+  constexpr int Q = Quant<WT>::BYTES > 0 ? 4 : 8;  // rows in flight per warp (quantized rows: the stage holds 4)
+  __shared__ float red[(TT == 1 ? WARPS : TT) * 256];
   __shared__ __align__(16) unsigned char stage[WARPS][4 * 8 * Quant<WT>::BYTES + 16];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int c = blockIdx.x * 256 + lane * 8;
@@ -374,21 +436,21 @@ __global__ void __launch_bounds__(256) down_partial(
     }
     unsigned int mask = __ballot_sync(FULL_MASK, nz);
     while (mask) {
-      int lanes[4];
+      int lanes[Q];
 #pragma unroll
-      for (int q = 0; q < 4; ++q) {
+      for (int q = 0; q < Q; ++q) {
         lanes[q] = -1;
         if (mask) {
           lanes[q] = __ffs(mask) - 1;
           mask &= mask - 1;
         }
       }
-      float v[4][8];
+      float v[Q][8];
       if constexpr (Quant<WT>::BYTES > 0) {
         load_quant_rows<WT>(down, row_bytes, base, lanes, blockIdx.x * 256, c, d, stage[warp], lane, v);
       } else {
 #pragma unroll
-        for (int q = 0; q < 4; ++q) {
+        for (int q = 0; q < Q; ++q) {
           if (lanes[q] >= 0 && col_ok) {
             Row<WT>::load8(down + (long long)(base + lanes[q]) * row_bytes, c, v[q]);
           } else {
@@ -398,7 +460,7 @@ __global__ void __launch_bounds__(256) down_partial(
         }
       }
 #pragma unroll
-      for (int q = 0; q < 4; ++q) {
+      for (int q = 0; q < Q; ++q) {
         if (lanes[q] >= 0) {
 #pragma unroll
           for (int t = 0; t < TT; ++t) {
@@ -411,37 +473,55 @@ __global__ void __launch_bounds__(256) down_partial(
     }
   }
 
-  for (int i = threadIdx.x; i < TT * 256; i += blockDim.x) red[i] = 0.0f;
-  __syncthreads();
-  for (int w = 0; w < WARPS; ++w) {
-    if (warp == w) {
+  if constexpr (TT == 1) {  // every warp's sums at once, then each column added up in warp order
 #pragma unroll
-      for (int t = 0; t < TT; ++t)
-#pragma unroll
-        for (int k = 0; k < 8; ++k) red[t * 256 + lane * 8 + k] += acc[t][k];
-    }
+    for (int k = 0; k < 8; ++k) red[warp * 256 + lane * 8 + k] = acc[0][k];
     __syncthreads();
+    const int cc = blockIdx.x * 256 + threadIdx.x;
+    float sum = 0.0f;
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) sum += red[w * 256 + threadIdx.x];
+    if (cc < d) partial[(long long)blockIdx.y * d + cc] = sum;
+  } else {
+    for (int i = threadIdx.x; i < TT * 256; i += blockDim.x) red[i] = 0.0f;
+    __syncthreads();
+    for (int w = 0; w < WARPS; ++w) {
+      if (warp == w) {
+#pragma unroll
+        for (int t = 0; t < TT; ++t)
+#pragma unroll
+          for (int k = 0; k < 8; ++k) red[t * 256 + lane * 8 + k] += acc[t][k];
+      }
+      __syncthreads();
+    }
+    for (int i = threadIdx.x; i < T * 256; i += blockDim.x) {
+      const int t = i >> 8, cc = blockIdx.x * 256 + (i & 255);
+      if (cc < d) partial[((long long)blockIdx.y * T + t) * d + cc] = red[i];
+    }
   }
+  // The column block's last split to finish adds the splits' partial sums in split order into y (T, d) of
+  // out_type (fp32 0, fp16 1, bf16 2) and sets its counter in `done` back to 0 for the next launch.
+  __shared__ bool last;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(done + blockIdx.x, 1) == (int)gridDim.y - 1;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
   for (int i = threadIdx.x; i < T * 256; i += blockDim.x) {
     const int t = i >> 8, cc = blockIdx.x * 256 + (i & 255);
-    if (cc < d) partial[((long long)blockIdx.y * T + t) * d + cc] = red[i];
+    if (cc >= d) continue;
+    float sum = 0.0f;
+    for (int k = 0; k < (int)gridDim.y; ++k) sum += __ldcg(partial + ((long long)k * T + t) * d + cc);
+    const long long o = (long long)t * d + cc;
+    if (out_type == 0) {
+      reinterpret_cast<float*>(y)[o] = sum;
+    } else {
+      unsigned short b;
+      if (out_type == 1) asm("cvt.rn.f16.f32 %0, %1;" : "=h"(b) : "f"(sum));
+      else asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(b) : "f"(sum));
+      reinterpret_cast<unsigned short*>(y)[o] = b;
+    }
   }
-}
-
-// y[i] = sum over splits s (in order) of partial[s, i], i over T * d, stored as fp32 (OT 0), fp16 (1), bf16 (2).
-template <int OT>
-__global__ void __launch_bounds__(256) down_reduce(const float* __restrict__ partial, int splits, long long n,
-                                                   void* __restrict__ y) {
-  const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-  if (i >= n) return;
-  float s = 0.0f;
-  for (int k = 0; k < splits; ++k) s += partial[k * n + i];
-  if (OT == 0) {
-    reinterpret_cast<float*>(y)[i] = s;
-  } else {
-    unsigned short b;
-    if (OT == 1) asm("cvt.rn.f16.f32 %0, %1;" : "=h"(b) : "f"(s));
-    else asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(b) : "f"(s));
-    reinterpret_cast<unsigned short*>(y)[i] = b;
-  }
+  if (threadIdx.x == 0) done[blockIdx.x] = 0;
 }

@@ -134,7 +134,7 @@ def workspace_bytes(cfg: ModelConfig, dtype: str, ctx_len: int, tokens: int, max
     return tokens * (per_seq + 4 * cfg.n_heads * ctx_len + cfg.n_ff)
 
 
-SMALL_BUFFERS_BYTES = 64 << 10  # static decode inputs, hit counters, RoPE tables: each rounded up to 512 B blocks
+SMALL_BUFFERS_BYTES = 64 << 10  # static decode inputs, hit and kernel counters, RoPE tables: each in 512 B blocks
 
 
 def runtime_bytes(cfg: ModelConfig) -> int:

@@ -54,12 +54,13 @@ def test_ffn_matches_reference(weight_type, T, path, monkeypatch):
         assert rel_err(y, h.double() @ down_t) < (DENSE_RTOL[weight_type] if dense else 2e-6)
 
 
+@pytest.mark.parametrize("T", [1, 2])  # 1: gate_up_one and the one-token reduction of down_partial
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("weight_type", WEIGHT_TYPES)
-def test_ffn_output_dtypes(weight_type, x_dtype):
+def test_ffn_output_dtypes(weight_type, x_dtype, T):
     rows, (gate, up, down_t) = case(weight_type, m=517)
-    x, active = torch.randn(2, rows.d, device="cuda").to(x_dtype), random_mask(2, 2500, 0.2).cuda()
-    out = torch.full((2, rows.d), float("nan"), device="cuda", dtype=x_dtype)
+    x, active = torch.randn(T, rows.d, device="cuda").to(x_dtype), random_mask(T, 2500, 0.2).cuda()
+    out = torch.full((T, rows.d), float("nan"), device="cuda", dtype=x_dtype)
     sparse_ffn(x, rows, active, "relu", out=out)
     ref = sparse_ffn_reference(x.double(), gate, up, down_t, rows.neuron_idx, active)
     assert torch.isfinite(out).all() and rel_err(out, ref) < OUT_RTOL[x_dtype]
@@ -80,11 +81,12 @@ def test_gate_up_segments_and_x_read_in_place(weight_type, x_dtype, monkeypatch)
         assert rel_err(h, sparse_gate_up_reference(x.double(), gate, up, rows.neuron_idx, active, "silu")) < 2e-6
 
 
+@pytest.mark.parametrize("T", [1, 3])
 @pytest.mark.parametrize("weight_type", ["f16", "q4_0"])
-def test_full_length_output_writes_only_owned_columns(weight_type):
+def test_full_length_output_writes_only_owned_columns(weight_type, T):
     rows, (gate, up, _) = case(weight_type)
-    x, active = torch.randn(3, rows.d, device="cuda"), random_mask(3, 2500, 0.3).cuda()
-    h = torch.full((3, 2500), float("nan"), device="cuda")
+    x, active = torch.randn(T, rows.d, device="cuda"), random_mask(T, 2500, 0.3).cuda()
+    h = torch.full((T, 2500), float("nan"), device="cuda")
     sparse_gate_up(x, rows, active, "silu", full=True, out=h)
     ref = sparse_gate_up_reference(x.double(), gate, up, rows.neuron_idx, active, "silu")
     assert rel_err(h[:, rows.neuron_idx], ref) < 2e-6
@@ -104,9 +106,10 @@ def test_empty_and_full_masks(density):
         assert rel_err(y, sparse_ffn_reference(x.double(), gate, up, down_t, rows.neuron_idx, active)) < 2e-6
 
 
-def test_deterministic():
+@pytest.mark.parametrize("T", [1, 4])
+def test_deterministic(T):
     rows, _ = case("f16", m=4000, d=1024, n_ff=5000)
-    x, active = torch.randn(4, 1024, device="cuda"), random_mask(4, 5000, 0.3).cuda()
+    x, active = torch.randn(T, 1024, device="cuda"), random_mask(T, 5000, 0.3).cuda()
     assert torch.equal(sparse_ffn(x, rows, active), sparse_ffn(x, rows, active))
 
 
