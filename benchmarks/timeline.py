@@ -64,8 +64,9 @@ def trace_decode_step(model, prompt: list[int], ctx: int, path: str) -> dict:
 
 
 def overlap_summary(events: list[dict]) -> dict:
-    """Per split layer, in microseconds: CPU cold-row time, GPU hot-kernel busy time and span (the kernels
-    between the layer's send_to_host and add_from_host), the time both ran at once, how long the GPU waited in
+    """Per split layer, in microseconds: CPU cold-row time, GPU hot-kernel busy time and span (the kernels that
+    start with or after the layer's send_to_host, which runs beside them on a stream of its own, and end before
+    its add_from_host), the time both ran at once, how long the GPU waited in
     add_from_host, and the GPU-only time from there to the next layer's send (attention, predictor)."""
     spans = [e for e in events if e.get("ph") == "X"]
     cold = sorted((e["ts"], e["ts"] + e["dur"]) for e in spans if e.get("name") == COLD_RANGE)
@@ -74,7 +75,7 @@ def overlap_summary(events: list[dict]) -> dict:
     adds = [k for k in kernels if k[2] == "add_from_host"]
     layers = []
     for i, ((c0, c1), send, add) in enumerate(zip(cold, sends, adds)):
-        hot = [k for k in kernels if send[1] <= k[0] and k[1] <= add[0]]
+        hot = [k for k in kernels if send[0] <= k[0] and k[1] <= add[0] and k[2] != "send_to_host"]
         layer = {"cpu_cold_us": c1 - c0, "gpu_hot_us": sum(k[1] - k[0] for k in hot), "gpu_hot_span_us": 0.0,
                  "overlap_us": 0.0, "gpu_wait_us": add[1] - add[0],
                  "gpu_only_us": sends[i + 1][0] - add[1] if i + 1 < len(sends) else None}

@@ -102,12 +102,12 @@ class CudaBackend(Backend):
         xk, active = _kernel_x(x, rows), active.contiguous()
         mod, wt = _module(rows.weight_type), WEIGHT_CODES[rows.weight_type]
         xpad = -(-rows.d // 8) * 8
-        if T == 1 and rows.weight_type in FLOAT_DTYPES and xpad <= ONE_TOKEN_MAX_X:  # a warp per row
+        if T == 1 and rows.weight_type in FLOAT_DTYPES and xpad <= ONE_TOKEN_MAX_X:  # whole rows per warp
             kernel = mod.get_function(f"gate_up_one<{wt},{DTYPE_CODES[xk.dtype]}>")
             args = (ptr(rows.gate), ptr(rows.up), np.int64(rows.gate.stride(0) * rows.gate.element_size()),
                     ptr(rows.neuron_idx), np.int32(rows.m), ptr(active), ptr(xk), np.int32(rows.d), np.int32(xpad),
                     np.int32(ACT_CODES[act]), np.float32(threshold), ptr(h), np.int32(full))
-            launch(kernel, (-(-rows.m // (THREADS // 32)),), args, x.device, 4 * xpad)
+            launch(kernel, (-(-rows.m // 32),), args, x.device, 4 * xpad)
             return
         smem_per_token = ROWS_PER_BLOCK * -(-rows.d // SEGMENT) * 2 * 4  # fp32 gate and up sums per segment
         max_tile = max(tt for tt in TOKEN_TILES if smem_per_token * tt <= GATE_UP_SMEM)

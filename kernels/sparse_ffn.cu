@@ -311,9 +311,10 @@ __global__ void __launch_bounds__(256) gate_up(
 }
 
 // One token, float rows: h[j] (compact) or h[neuron_idx[j]] (full) = activation of row j, 0 where the neuron is
-// predicted inactive. One warp per candidate row: an inactive row costs its warp two small loads; an active one
-// is read whole, ONE_LOADS 16-byte loads of gate and of up in flight per lane (fewer for f32), against x staged
-// once per block as fp32 in shared memory (xpad floats, zero past d). Rows and x padded to a multiple of 8.
+// predicted inactive. Block b: warp 0 lists which of the candidate rows [32 b, 32 b + 32) are active (the others
+// get h = 0 and are never read); the 8 warps then take the listed rows in turn, each row read whole, ONE_LOADS
+// 16-byte loads of gate and of up in flight per lane (fewer for f32), against x staged once per block as fp32
+// in shared memory (xpad floats, zero past d). Rows and x padded to a multiple of 8.
 template <int WT, int XT>
 __global__ void __launch_bounds__(256) gate_up_one(
     const unsigned char* __restrict__ gate, const unsigned char* __restrict__ up, long long row_bytes,
@@ -322,51 +323,62 @@ __global__ void __launch_bounds__(256) gate_up_one(
     int full) {
   constexpr int U = sizeof(typename Row<WT>::Raw) == 16 ? 8 : 4;
   extern __shared__ float xs[];
+  __shared__ int list_row[32], n_listed;
+  __shared__ long long list_neuron[32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (warp == 0) {
+    const int j = blockIdx.x * 32 + lane;
+    const long long n = j < m ? neuron_idx[j] : 0;
+    const bool on = j < m && active[n];
+    const unsigned int listed = __ballot_sync(FULL_MASK, on);
+    if (on) {
+      const int k = __popc(listed & ((1u << lane) - 1));
+      list_row[k] = j;
+      list_neuron[k] = n;
+    } else if (j < m) {
+      h[full ? n : (long long)j] = 0.0f;
+    }
+    if (lane == 0) n_listed = __popc(listed);
+  }
   for (int c = threadIdx.x * 8; c < xpad; c += blockDim.x * 8) Row<XT>::load8(x, c, xs + c);
   __syncthreads();
-  const int lane = threadIdx.x & 31;
-  const int j = blockIdx.x * WARPS + (threadIdx.x >> 5);
-  if (j >= m) return;
-  const long long n = neuron_idx[j];
-  float* out = h + (full ? n : (long long)j);
-  if (!active[n]) {
-    if (lane == 0) *out = 0.0f;
-    return;
-  }
-  const unsigned char* grow = gate + j * row_bytes;
-  const unsigned char* urow = up + j * row_bytes;
-  float g = 0.0f, u = 0.0f;
-  for (int c0 = lane * 8; c0 < xpad; c0 += 256 * U) {
-    typename Row<WT>::Raw graw[U], uraw[U];
+  for (int k = warp; k < n_listed; k += WARPS) {
+    const long long j = list_row[k];
+    const unsigned char* grow = gate + j * row_bytes;
+    const unsigned char* urow = up + j * row_bytes;
+    float g = 0.0f, u = 0.0f;
+    for (int c0 = lane * 8; c0 < xpad; c0 += 256 * U) {
+      typename Row<WT>::Raw graw[U], uraw[U];
 #pragma unroll
-    for (int it = 0; it < U; ++it) {
-      const int c = c0 + it * 256;
-      if (c < xpad) {
-        graw[it] = Row<WT>::raw8(grow, c);
-        uraw[it] = Row<WT>::raw8(urow, c);
+      for (int it = 0; it < U; ++it) {
+        const int c = c0 + it * 256;
+        if (c < xpad) {
+          graw[it] = Row<WT>::raw8(grow, c);
+          uraw[it] = Row<WT>::raw8(urow, c);
+        }
       }
-    }
 #pragma unroll
-    for (int it = 0; it < U; ++it) {
-      const int c = c0 + it * 256;
-      if (c < xpad) {
-        float gv[8], uv[8];
-        Row<WT>::decode8(graw[it], gv);
-        Row<WT>::decode8(uraw[it], uv);
+      for (int it = 0; it < U; ++it) {
+        const int c = c0 + it * 256;
+        if (c < xpad) {
+          float gv[8], uv[8];
+          Row<WT>::decode8(graw[it], gv);
+          Row<WT>::decode8(uraw[it], uv);
 #pragma unroll
-        for (int k = 0; k < 8; ++k) {
-          g = fmaf(gv[k], xs[c + k], g);
-          u = fmaf(uv[k], xs[c + k], u);
+          for (int e = 0; e < 8; ++e) {
+            g = fmaf(gv[e], xs[c + e], g);
+            u = fmaf(uv[e], xs[c + e], u);
+          }
         }
       }
     }
-  }
 #pragma unroll
-  for (int off = 16; off > 0; off >>= 1) {
-    g += __shfl_xor_sync(FULL_MASK, g, off);
-    u += __shfl_xor_sync(FULL_MASK, u, off);
+    for (int off = 16; off > 0; off >>= 1) {
+      g += __shfl_xor_sync(FULL_MASK, g, off);
+      u += __shfl_xor_sync(FULL_MASK, u, off);
+    }
+    if (lane == 0) h[full ? list_neuron[k] : j] = ffn_activation(g, u, act, threshold);
   }
-  if (lane == 0) *out = ffn_activation(g, u, act, threshold);
 }
 
 // v[q] = this lane's 8 columns (c) of row base + lanes[q] (q < 4, lanes[q] < 0: none) of quantized rows: the
@@ -512,6 +524,7 @@ __global__ void __launch_bounds__(256) down_partial(
     const int t = i >> 8, cc = blockIdx.x * 256 + (i & 255);
     if (cc >= d) continue;
     float sum = 0.0f;
+#pragma unroll 8
     for (int k = 0; k < (int)gridDim.y; ++k) sum += __ldcg(partial + ((long long)k * T + t) * d + cc);
     const long long o = (long long)t * d + cc;
     if (out_type == 0) {

@@ -12,9 +12,10 @@ def test_hot_kernels_are_those_between_a_layers_send_and_add():
         span("send_to_host", 100, 5, "kernel"), span(COLD_RANGE, 110, 90, "user_annotation"),
         span("gate_up", 105, 40, "kernel"), span("down", 145, 40, "kernel"),
         span("add_from_host", 185, 20, "kernel"),
-        # attention 205-300 (GPU only), layer 1: one hot kernel that ends before the CPU starts
+        # attention 205-300 (GPU only), layer 1: send on its own stream beside one hot kernel that ends before
+        # the CPU starts
         span("attention", 205, 95, "kernel"), span("send_to_host", 300, 5, "kernel"),
-        span("gate_up", 305, 10, "kernel"), span(COLD_RANGE, 320, 40, "user_annotation"),
+        span("gate_up", 301, 10, "kernel"), span(COLD_RANGE, 320, 40, "user_annotation"),
         span("add_from_host", 315, 50, "kernel"),
         span("aten::mm", 0, 500, "cpu_op"),  # host ops are not GPU time
     ]
