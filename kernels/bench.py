@@ -202,7 +202,7 @@ def down_split_sweep(timer, records):
         for density in (0.05, 0.1, 0.5):
             h = [torch.randn(1, n_ff, device="cuda") * (torch.rand(1, n_ff, device="cuda") < density / 2)
                  for _ in range(ROWS_PER_CALL)]  # relu zeroes about half the active rows
-            for blocks_per_sm in (2, 4, 8, 16):
+            for blocks_per_sm in (1, 2, 4, 8):
                 cuda_backend.DOWN_BLOCKS_PER_SM = blocks_per_sm
                 t = timer.seconds(lambda i: sparse_down(h[i], rows, out=out))
                 records.append(dict(device="gpu", shape=shape, weight_type="f16", density=density, T=1,

@@ -259,9 +259,14 @@ static void add_row(const uint8_t* row, int wt, int d, const float* a, int T, fl
   }
 }
 
-// Inside a parallel region, after a barrier: y (T, d), of type y_type, = the nt per-thread fp32 partials added
-// in thread order (each thread writes its slice of y).
-static void add_partials(const float* partial, int nt, int T, int d, void* y, int y_type) {
+// Whether thread p of nt has rows in an even split of n rows (my_share); a thread without rows leaves its
+// partial untouched, and add_partials skips it (adding its zeros would change nothing).
+static int has_share(int64_t n, int p, int nt) { return n * (p + 1) / nt > n * p / nt; }
+
+// Inside a parallel region, after a barrier: y (T, d), of type y_type, = the per-thread fp32 partials of the
+// threads with rows (of nt, sharing n rows) added in thread order (each thread writes its slice of y).
+
+static void add_partials(const float* partial, int64_t n, int nt, int T, int d, void* y, int y_type) {
   const int tid = omp_get_thread_num();
   const int64_t total = (int64_t)T * d, k0 = total * tid / nt, k1 = total * (tid + 1) / nt;
   float sums[CHUNK];
@@ -269,7 +274,8 @@ static void add_partials(const float* partial, int nt, int T, int d, void* y, in
     const int len = k1 - k < CHUNK ? k1 - k : CHUNK;
     for (int i = 0; i < len; ++i) {
       float v = 0.0f;
-      for (int p = 0; p < nt; ++p) v += partial[(size_t)p * total + k + i];
+      for (int p = 0; p < nt; ++p)
+        if (has_share(n, p, nt)) v += partial[(size_t)p * total + k + i];
       sums[i] = v;
     }
     from_float(sums, len, y_type, (uint8_t*)y + element_offset(y_type, k));
@@ -304,7 +310,7 @@ void down(const uint8_t* down_rows, int64_t row_bytes, int wt, int64_t m, int d,
     int64_t i0, i1;
     my_share(&list, joined, &i0, &i1);
     float* acc = partial + (size_t)omp_get_thread_num() * T * d;
-    memset(acc, 0, (size_t)T * d * sizeof(float));
+    if (i1 > i0) memset(acc, 0, (size_t)T * d * sizeof(float));
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t r = joined[i];
       float a[MAX_TOKENS];
@@ -312,7 +318,7 @@ void down(const uint8_t* down_rows, int64_t row_bytes, int wt, int64_t m, int d,
       add_row(down_rows + r * row_bytes, wt, d, a, T, acc);
     }
 #pragma omp barrier
-    add_partials(partial, nt, T, d, y, F32);
+    add_partials(partial, list.n, nt, T, d, y, F32);
   }
   free(partial);
   free(scan);
@@ -365,14 +371,14 @@ static int64_t ffn_region(const rows_desc* r, int wt, const uint8_t* active, int
   int64_t i0, i1;
   my_share(&list, joined, &i0, &i1);
   float* acc = s->partial + (size_t)omp_get_thread_num() * T * d;
-  memset(acc, 0, (size_t)T * d * sizeof(float));
+  if (i1 > i0) memset(acc, 0, (size_t)T * d * sizeof(float));
   for (int64_t i = i0; i < i1; ++i) {
     const uint8_t* next_gate = i + 1 < i1 ? r->gate + joined[i + 1] * r->row_bytes : NULL;
     const uint8_t* next_up = i + 1 < i1 ? r->up + joined[i + 1] * r->row_bytes : NULL;
     row_ffn(r, wt, joined[i], next_gate, next_up, active, n_ff, x, d, T, act, threshold, acc);
   }
 #pragma omp barrier
-  add_partials(s->partial, list.nt, T, d, y, y_type);
+  add_partials(s->partial, list.n, list.nt, T, d, y, y_type);
 #pragma omp barrier
   return list.n;
 }

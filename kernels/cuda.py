@@ -27,7 +27,7 @@ GATE_UP_SMEM = 24 << 10  # gate_up's dynamic shared memory at most (its 18 KB st
 DENSE_MIN_TOKENS = 4
 ONE_TOKEN_MAX_X = 12 << 10  # gate_up_one stages x in shared memory as fp32: at most 48 KB
 DONE_COUNTERS = 4096  # column blocks of 256: rows of up to 1M elements (16 KB; the ledger's small buffers)
-DOWN_BLOCKS_PER_SM = 4  # down_partial: row splits x column blocks ~ this many blocks per SM (kernels.bench sweeps it)
+DOWN_BLOCKS_PER_SM = 2  # down_partial: row splits x column blocks ~ this many blocks per SM (kernels.bench sweeps it)
 
 
 def _module(weight_type: str) -> cupy.RawModule:
