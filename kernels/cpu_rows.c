@@ -269,13 +269,16 @@ static int has_share(int64_t n, int p, int nt) { return n * (p + 1) / nt > n * p
 static void add_partials(const float* partial, int64_t n, int nt, int T, int d, void* y, int y_type) {
   const int tid = omp_get_thread_num();
   const int64_t total = (int64_t)T * d, k0 = total * tid / nt, k1 = total * (tid + 1) / nt;
+  const float* parts[nt];
+  int n_parts = 0;
+  for (int p = 0; p < nt; ++p)
+    if (has_share(n, p, nt)) parts[n_parts++] = partial + (size_t)p * total;
   float sums[CHUNK];
   for (int64_t k = k0; k < k1; k += CHUNK) {
     const int len = k1 - k < CHUNK ? k1 - k : CHUNK;
     for (int i = 0; i < len; ++i) {
       float v = 0.0f;
-      for (int p = 0; p < nt; ++p)
-        if (has_share(n, p, nt)) v += partial[(size_t)p * total + k + i];
+      for (int p = 0; p < n_parts; ++p) v += parts[p][k + i];
       sums[i] = v;
     }
     from_float(sums, len, y_type, (uint8_t*)y + element_offset(y_type, k));
