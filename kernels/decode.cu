@@ -81,16 +81,39 @@ enum { STORE = 0, RELU = 1, AT_LEAST = 2 };
 // takes 8 / WPR rows, WPR warps a row (several for short, wide matrices, so that enough loads are in flight);
 // each lane issues GEMV_LOADS 16-byte loads at once, then adds; the row's warps add their sums in order.
 // Epilogue: STORE y, RELU relu(y) (both in the dtype), AT_LEAST a bool mask y >= threshold of y rounded to the
-// dtype (as the torch ops compare). Dynamic shared memory: x (2 k bytes).
+// dtype (as the torch ops compare). With NORM, x is first replaced by RMSNorm(x) with weight norm_w, rounded as
+// rms_norm rounds (each block computes it: it saves a launch). STORE adds residual (n elements, may be
+// null) as the torch add would: round(round(y) + residual). Dynamic shared memory: x (2 k bytes).
 #define GEMV_LOADS 8
-template <int DT, int EPI, int WPR>
+template <int DT, int EPI, int WPR, int NORM>
 __global__ void __launch_bounds__(256) gemv(const unsigned short* __restrict__ w, const unsigned short* __restrict__ x,
-                                            int n, int k, float threshold, void* __restrict__ out) {
+                                            int n, int k, float threshold, void* __restrict__ out,
+                                            const unsigned short* __restrict__ norm_w, float eps,
+                                            const unsigned short* __restrict__ residual) {
   extern __shared__ uint4 xs[];
   __shared__ float sums[8];
   const int nvec = k / 8, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   for (int i = threadIdx.x; i < nvec; i += blockDim.x) xs[i] = __ldg(reinterpret_cast<const uint4*>(x) + i);
   __syncthreads();
+  if (NORM) {
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < nvec; i += blockDim.x) {
+      float f[8];
+      unpack8<DT>(xs[i], f);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) ss = fmaf(f[e], f[e], ss);
+    }
+    const float r = rsqrtf(block_sum(ss) / k + eps);
+    for (int i = threadIdx.x; i < nvec; i += blockDim.x) {
+      float f[8], g[8];
+      unpack8<DT>(xs[i], f);
+      unpack8<DT>(__ldg(reinterpret_cast<const uint4*>(norm_w) + i), g);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) f[e] = round_f<DT>(f[e] * r) * g[e];
+      xs[i] = pack8<DT>(f);
+    }
+    __syncthreads();
+  }
   const int row = blockIdx.x * (8 / WPR) + warp / WPR, stride = 32 * WPR;
   float acc = 0.f;
   if (row < n) {
@@ -115,7 +138,9 @@ __global__ void __launch_bounds__(256) gemv(const unsigned short* __restrict__ w
   }
   if (lane || row >= n) return;
   if (EPI == AT_LEAST) reinterpret_cast<bool*>(out)[row] = round_f<DT>(acc) >= threshold;
-  else reinterpret_cast<unsigned short*>(out)[row] = from_f<DT>(EPI == RELU ? fmaxf(acc, 0.f) : acc);
+  else if (EPI == RELU) reinterpret_cast<unsigned short*>(out)[row] = from_f<DT>(fmaxf(acc, 0.f));
+  else reinterpret_cast<unsigned short*>(out)[row] =
+      from_f<DT>(residual ? round_f<DT>(acc) + to_f<DT>(residual[row]) : acc);
 }
 
 // One block per row of x (rows, d): out = round(round(x * rsqrt(mean(x^2) + eps)) * weight), as

@@ -5,8 +5,8 @@ microseconds even when it moves little; here they are six: matrix-vector product
 the predictor's threshold straight to a bool mask), one RMSNorm, RoPE fused with the KV-cache write, and attention
 over the cache up to the query's position (split over keys, the splits combined by the last block of each head).
 
-`use_decode_kernels(model)` switches a model's RMSNorm, Attention and Predictor modules in place to subclasses
-that run these kernels for one-token CUDA steps in fp16/bf16; every other call (prefill, CPU, fp32) runs the
+`use_decode_kernels(model)` switches a model's RMSNorm, Block and Predictor modules in place to subclasses that
+run these kernels for one-token CUDA steps in fp16/bf16; every other call (prefill, CPU, fp32) runs the
 model's own torch code, which is also what the tests compare the kernels with. CuPy is imported on first launch.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from powerinfer_py.model import Attention, Predictor, RMSNorm, apply_rope
+from powerinfer_py.model import Block, Predictor, RMSNorm, apply_rope
 
 from .rows import DTYPE_CODES
 
@@ -43,8 +43,8 @@ def attention_workspace_bytes(n_heads: int, head_dim: int) -> int:
 def _module():
     import cupy
 
-    names = [f"gemv<{dt},{e},{w}>" for dt in map(DTYPE_CODES.get, HALF_DTYPES) for e in EPILOGUES.values()
-             for w in GEMV_WARPS_PER_ROW]
+    names = [f"gemv<{dt},{e},{w},{norm}>" for dt in map(DTYPE_CODES.get, HALF_DTYPES) for e in EPILOGUES.values()
+             for w in GEMV_WARPS_PER_ROW for norm in (0, 1) if e == EPILOGUES["store"] or not norm]
     names += [f"{k}<{dt}>" for k in ("rms_norm", "rope_kv", "decode_attention")
               for dt in map(DTYPE_CODES.get, HALF_DTYPES)]
     src = Path(__file__).with_name("decode.cu").read_text()
@@ -52,25 +52,29 @@ def _module():
 
 
 def _launch(name: str, grid, block: int, args, device, shared_mem: int = 0):
-    """Launch decode.cu's `name` (template arguments included); tensors pass as addresses, ints as int32, floats
-    as float32."""
+    """Launch decode.cu's `name` (template arguments included); tensors pass as addresses (None as a null one),
+    ints as int32, floats as float32."""
     from .cuda import launch, ptr
 
-    args = tuple(ptr(a) if torch.is_tensor(a) else np.float32(a) if isinstance(a, float) else np.int32(a)
-                 for a in args)
+    args = tuple(ptr(a) if torch.is_tensor(a) else np.uint64(0) if a is None else np.float32(a)
+                 if isinstance(a, float) else np.int32(a) for a in args)
     launch(_module().get_function(name), grid, args, device, shared_mem, block)
 
 
 # ---------------------------------------------------------------- the kernels, each with its reference
 
-def gemv(weight: torch.Tensor, x: torch.Tensor, epilogue: str = "store", threshold: float = 0.0) -> torch.Tensor:
+def gemv(weight: torch.Tensor, x: torch.Tensor, epilogue: str = "store", threshold: float = 0.0,
+         norm: tuple[torch.Tensor, float] | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
     """weight (n, k) @ x (k,) for one token: the product in x's dtype, its ReLU, or the bool mask product >=
-    threshold. fp32 sums; reads each weight once in 16-byte loads."""
+    threshold. fp32 sums; reads each weight once in 16-byte loads. norm = (weight, eps): multiply RMSNorm(x)
+    instead of x; residual (n,): add it to the product ("store" only)."""
     n, k = weight.shape
     out = torch.empty(n, dtype=torch.bool if epilogue == "at_least" else x.dtype, device=x.device)
     wpr = next(w for w in GEMV_WARPS_PER_ROW if w == 8 or n * w // 8 >= 2 * _sm_count(x.device))
-    _launch(f"gemv<{DTYPE_CODES[x.dtype]},{EPILOGUES[epilogue]},{wpr}>", (-(-n * wpr // 8),), 256,
-            (weight, x, n, k, float(threshold), out), x.device, shared_mem=2 * k)
+    norm_weight, eps = norm if norm is not None else (None, 0.0)
+    _launch(f"gemv<{DTYPE_CODES[x.dtype]},{EPILOGUES[epilogue]},{wpr},{int(norm is not None)}>", (-(-n * wpr // 8),),
+            256, (weight, x, n, k, float(threshold), out, norm_weight, float(eps), residual), x.device,
+            shared_mem=2 * k)
     return out
 
 
@@ -79,8 +83,12 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def gemv_reference(weight, x, epilogue="store", threshold=0.0):
+def gemv_reference(weight, x, epilogue="store", threshold=0.0, norm=None, residual=None):
+    if norm is not None:
+        x = rms_norm_reference(x, *norm)
     y = F.linear(x, weight)
+    if residual is not None:
+        y = residual + y
     return F.relu(y) if epilogue == "relu" else y >= threshold if epilogue == "at_least" else y
 
 
@@ -172,18 +180,23 @@ class FusedRMSNorm(RMSNorm):
         return rms_norm(x, self.weight, self.eps)
 
 
-class FusedAttention(Attention):
-    def forward(self, x, cos, sin, input_pos, kv_len, mask=None):
-        cache = self.kv_cache
-        if (mask is None or x.numel() != x.shape[-1] or not _fits(x, self.wqkv.weight, self.wo.weight, cos, sin)
-                or not _gemv_fits(x, self.wqkv.weight) or not _gemv_fits(x, self.wo.weight)
-                or cache.k.shape[0] != 1 or cache.k.dtype != x.dtype or self.head_dim not in ATTENTION_HEAD_DIMS
+class FusedBlock(Block):
+    def attend(self, x, cos, sin, input_pos, kv_len, mask=None):
+        """Block.attend for one token in four kernels: attention_norm inside the wqkv product, RoPE with the KV
+        write, attention, and wo with the residual added."""
+        attn, cache, norm = self.attention, self.attention.kv_cache, self.attention_norm
+        if (mask is None or x.numel() != x.shape[-1] or cache is None
+                or not _fits(x, attn.wqkv.weight, attn.wo.weight, norm.weight, cos, sin)
+                or not _gemv_fits(x, attn.wqkv.weight) or not _gemv_fits(x, attn.wo.weight)
+                or cache.k.shape[0] != 1 or cache.k.dtype != x.dtype or attn.head_dim not in ATTENTION_HEAD_DIMS
                 or input_pos.dtype != torch.int64):
-            return super().forward(x, cos, sin, input_pos, kv_len, mask)
-        qkv = gemv(self.wqkv.weight, x.view(-1))
-        q = rope_kv(qkv, cos, sin, input_pos, cache.k, cache.v, self.n_heads)
-        y = decode_attention(q, cache.k, cache.v, input_pos, self.n_heads)
-        return gemv(self.wo.weight, y).view(x.shape)
+            return super().attend(x, cos, sin, input_pos, kv_len, mask)
+        qkv = gemv(attn.wqkv.weight, x.view(-1), norm=(norm.weight, norm.eps))
+        q = rope_kv(qkv, cos, sin, input_pos, cache.k, cache.v, attn.n_heads)
+        y = decode_attention(q, cache.k, cache.v, input_pos, attn.n_heads)
+        h = gemv(attn.wo.weight, y, residual=x.view(-1)).view(x.shape)
+        active = self.predictor(h) if self.predictor is not None else None
+        return h, self.ffn_norm(h), active
 
 
 class FusedPredictor(Predictor):
@@ -195,11 +208,11 @@ class FusedPredictor(Predictor):
         return gemv(w2, hidden, "at_least", self.threshold).view(*p.shape[:-1], -1)
 
 
-FUSED = {RMSNorm: FusedRMSNorm, Attention: FusedAttention, Predictor: FusedPredictor}
+FUSED = {RMSNorm: FusedRMSNorm, Block: FusedBlock, Predictor: FusedPredictor}
 
 
 def use_decode_kernels(model) -> int:
-    """Switch the model's RMSNorm, Attention and Predictor modules to their fused subclasses, in place (same
+    """Switch the model's RMSNorm, Block and Predictor modules to their fused subclasses, in place (same
     parameters, buffers and hooks); returns how many were switched. Modules added later (predictors attached
     after this call) keep their class."""
     switched = 0

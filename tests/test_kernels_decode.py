@@ -18,7 +18,8 @@ def rel_err(a, b):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("n,k", [(1, 8), (37, 1000), (1000, 4096), (12288, 4096), (11008, 1024), (576, 16384), (960, 576)])
+@pytest.mark.parametrize("n,k", [(1, 8), (37, 1000), (1000, 4096), (12288, 4096), (11008, 1024), (576, 16384),
+                                 (960, 576)])
 def test_gemv_matches_float64(dtype, n, k):
     w = torch.randn(n, k, device="cuda").to(dtype)
     x = torch.randn(k, device="cuda").to(dtype)
@@ -31,6 +32,22 @@ def test_gemv_matches_float64(dtype, n, k):
     rounded = want.to(dtype).double()  # the torch op compares the product rounded to the dtype
     near = (want - threshold).abs() <= 4 * ULP[dtype] * want.abs().max()
     assert mask.dtype == torch.bool and torch.equal(mask[~near], (rounded >= threshold)[~near])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,k", [(37, 1000), (12288, 4096), (576, 576)])
+def test_gemv_with_the_norm_before_and_the_residual_after(dtype, n, k):
+    """wqkv's product takes attention_norm's place and wo's adds the residual: as the two torch ops round."""
+    w = torch.randn(n, k, device="cuda").to(dtype)
+    x = (3 * torch.randn(k, device="cuda")).to(dtype)
+    norm_weight = torch.randn(k, device="cuda").to(dtype)
+    normed = decode.rms_norm_reference(x, norm_weight, 1e-5).double()
+    got = decode.gemv(w, x, norm=(norm_weight, 1e-5))
+    assert rel_err(got, w.double() @ normed) < 4 * ULP[dtype]
+    residual = (10 * torch.randn(n, device="cuda")).to(dtype)
+    got = decode.gemv(w, x, residual=residual)
+    assert rel_err(got, residual.double() + w.double() @ x.double()) < 2 * ULP[dtype]
+    assert rel_err(got, decode.gemv_reference(w, x, residual=residual)) < 2 * ULP[dtype]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
