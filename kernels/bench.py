@@ -210,24 +210,6 @@ def down_split_sweep(timer, records):
     cuda_backend.DOWN_BLOCKS_PER_SM = default
 
 
-def gate_up_rows_sweep(timer, records):
-    """sparse_ffn (7B, f16) with fewer candidate rows per gate_up block (more blocks): cuda.ROWS_PER_BLOCK."""
-    from . import cuda as cuda_backend
-    default = cuda_backend.ROWS_PER_BLOCK
-    d, n_ff = SHAPES["7B"]
-    rows = random_rows(d, n_ff, "f16")
-    x = [torch.randn(1, d, device="cuda", dtype=torch.float16) for _ in range(ROWS_PER_CALL)]
-    out = torch.empty(1, d, device="cuda", dtype=torch.float16)
-    for density in (0.1, 0.3, 0.5):
-        active = [random_mask(1, n_ff, density).cuda() for _ in range(ROWS_PER_CALL)]
-        for rows_per_block in (8, 16, 32):
-            cuda_backend.ROWS_PER_BLOCK = rows_per_block
-            t = timer.seconds(lambda i: sparse_ffn(x[i], rows, active[i], out=out))
-            records.append(dict(device="gpu", shape="7B", weight_type="f16", density=density, T=1,
-                                impl=f"gate_up sweep: {rows_per_block} rows per block", us=t * 1e6))
-    cuda_backend.ROWS_PER_BLOCK = default
-
-
 def decode_bench(timer, copy_bw, records):
     """kernels.decode (one token, fp16, 7B shapes) beside the torch ops they replace: the matrix-vector products
     of attention and predictor with their epilogues, RMSNorm, attention over a 512-position cache."""
@@ -439,9 +421,9 @@ def main(argv=None):
     parser.add_argument("--cpu-compare", action="store_true",
                         help="every weight type on the CPU, the candidate kernels that lost, a CPU token sweep")
     parser.add_argument("--flush-mib", type=int, default=640, help="bytes read between CPU calls (over the L3)")
-    parser.add_argument("--gpu-sections", default="ffn,tokens,down,gate_up,decode",
-                        help="comma-separated GPU parts: ffn (the sparse kernels), tokens, down and gate_up (the "
-                        "sweeps), decode (kernels.decode)")
+    parser.add_argument("--gpu-sections", default="ffn,tokens,down,decode",
+                        help="comma-separated GPU parts: ffn (the sparse kernels), tokens and down (the sweeps), "
+                        "decode (kernels.decode)")
     parser.add_argument("--json", help="write the records here")
     args = parser.parse_args(argv)
     records, meta = [], dict(torch=torch.__version__, cpu_threads=torch.get_num_threads())
@@ -453,7 +435,6 @@ def main(argv=None):
         for name, run in (("ffn", lambda: gpu_bench(timer, meta["copy_GBs"] * 1e9, records)),
                           ("tokens", lambda: token_sweep(timer, records)),
                           ("down", lambda: down_split_sweep(timer, records)),
-                          ("gate_up", lambda: gate_up_rows_sweep(timer, records)),
                           ("decode", lambda: decode_bench(timer, meta["copy_GBs"] * 1e9, records))):
             if name in sections:
                 run()

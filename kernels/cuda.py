@@ -20,7 +20,7 @@ ACT_CODES = {"relu": 0, "drelu": 1, "silu": 2}
 TOKEN_TILES = (1, 2, 4, 8)  # tokens per launch the kernels are compiled for
 THREADS = 256  # 8 warps; the kernels assume it
 COLS_PER_BLOCK = 256
-ROWS_PER_BLOCK = 32  # gate_up: candidate rows per block (kernels.bench sweeps it)
+ROWS_PER_BLOCK = 32  # gate_up and gate_up_one: candidate rows per block (ROWS_PER_BLOCK in sparse_ffn.cu)
 SEGMENT = 1024  # gate_up: row elements per work item
 GATE_UP_SMEM = 24 << 10  # gate_up's dynamic shared memory at most (its 18 KB static stay under 48 KB)
 # From this many tokens on, float rows go through cuBLAS over all rows (measured by `python -m kernels.bench`).
@@ -30,20 +30,15 @@ DONE_COUNTERS = 4096  # column blocks of 256: rows of up to 1M elements (16 KB; 
 DOWN_BLOCKS_PER_SM = 2  # down_partial: row splits x column blocks ~ this many blocks per SM (kernels.bench sweeps it)
 
 
-def _module(weight_type: str) -> cupy.RawModule:
-    return _compiled(weight_type, ROWS_PER_BLOCK)
-
-
 @functools.cache
-def _compiled(weight_type: str, rows_per_block: int) -> cupy.RawModule:
+def _module(weight_type: str) -> cupy.RawModule:
     wt = WEIGHT_CODES[weight_type]
     names = [f"gate_up<{wt},{xt},{tt}>" for xt in DTYPE_CODES.values() for tt in TOKEN_TILES]
     names += [f"down_partial<{wt},{tt}>" for tt in TOKEN_TILES]
     if weight_type in FLOAT_DTYPES:
         names += [f"gate_up_one<{wt},{xt}>" for xt in DTYPE_CODES.values()]
     src = Path(__file__).with_name("sparse_ffn.cu").read_text()
-    return cupy.RawModule(code=src, options=("-std=c++17", f"-DROWS_PER_BLOCK={rows_per_block}"),
-                          name_expressions=names)
+    return cupy.RawModule(code=src, options=("-std=c++17",), name_expressions=names)
 
 
 @functools.cache
@@ -107,7 +102,7 @@ class CudaBackend(Backend):
             args = (ptr(rows.gate), ptr(rows.up), np.int64(rows.gate.stride(0) * rows.gate.element_size()),
                     ptr(rows.neuron_idx), np.int32(rows.m), ptr(active), ptr(xk), np.int32(rows.d), np.int32(xpad),
                     np.int32(ACT_CODES[act]), np.float32(threshold), ptr(h), np.int32(full))
-            launch(kernel, (-(-rows.m // 32),), args, x.device, 4 * xpad)
+            launch(kernel, (-(-rows.m // ROWS_PER_BLOCK),), args, x.device, 4 * xpad)
             return
         smem_per_token = ROWS_PER_BLOCK * -(-rows.d // SEGMENT) * 2 * 4  # fp32 gate and up sums per segment
         max_tile = max(tt for tt in TOKEN_TILES if smem_per_token * tt <= GATE_UP_SMEM)

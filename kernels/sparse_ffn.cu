@@ -102,9 +102,7 @@ __device__ __forceinline__ float ffn_activation(float g, float u, int act, float
   return a * (act == DRELU ? fmaxf(u, 0.0f) : u);
 }
 
-#ifndef ROWS_PER_BLOCK
-#define ROWS_PER_BLOCK 32  // candidate rows per gate_up block (at most 32: lanes of one warp check them)
-#endif
+#define ROWS_PER_BLOCK 32  // candidate rows per gate_up block (one warp checks them)
 #define SEG 1024           // elements of a row per gate_up work item: 32 lanes x 32, or 32 GGUF blocks
 
 // GGUF block bytes; quantized rows are staged in shared memory, 32 blocks of each matrix per warp.
@@ -223,6 +221,35 @@ __device__ __forceinline__ void quant_segment_dot(const unsigned char* grow, con
   __syncwarp();  // the warp's next work item overwrites the stage
 }
 
+// Warp 0 of a gate_up block: lists which of the block's candidate rows [32 b, 32 b + 32) some token needs (their
+// index j, neuron n and token bits, in row order, n_listed of them), and writes h = 0 for the others, which are
+// never read. active (T, n_ff), h (T, h_stride) compact (column j) or full (column n).
+template <int TT>
+__device__ __forceinline__ void list_needed_rows(const long long* __restrict__ neuron_idx, int m,
+                                                 const bool* __restrict__ active, long long n_ff, int T,
+                                                 float* __restrict__ h, long long h_stride, int full, int* list_row,
+                                                 int* list_on, long long* list_neuron, int* n_listed, int lane) {
+  const int j = blockIdx.x * ROWS_PER_BLOCK + lane;
+  long long n = 0;
+  int on = 0;  // bit t: token t has this row's neuron active
+  if (j < m) {
+    n = neuron_idx[j];
+#pragma unroll
+    for (int t = 0; t < TT; ++t)
+      if (t < T && active[t * n_ff + n]) on |= 1 << t;
+  }
+  const unsigned int listed = __ballot_sync(FULL_MASK, on != 0);
+  if (on) {
+    const int k = __popc(listed & ((1u << lane) - 1));
+    list_row[k] = j;
+    list_on[k] = on;
+    list_neuron[k] = n;
+  } else if (j < m) {
+    for (int t = 0; t < T; ++t) h[t * h_stride + (full ? n : j)] = 0.0f;
+  }
+  if (lane == 0) *n_listed = __popc(listed);
+}
+
 // h[t, j] (compact, stride m) or h[t, neuron_idx[j]] (full, stride n_ff) = activation of row j for token t,
 // 0 where active[t, neuron_idx[j]] is false. x: (T, d) rows of x_stride bytes in type XT (F32/F16/BF16),
 // zero-padded to a multiple of 8 elements, 16-byte aligned. Block b: warp 0 lists which of the candidate rows
@@ -243,28 +270,9 @@ __global__ void __launch_bounds__(256) gate_up(
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int segs = (d + SEG - 1) / SEG;
   const long long h_stride = full ? n_ff : m;
-  if (warp == 0) {
-    const int j = blockIdx.x * ROWS_PER_BLOCK + lane;
-    long long n = 0;
-    int on = 0;  // bit t: token t has this row's neuron active
-    const bool mine = lane < ROWS_PER_BLOCK && j < m;
-    if (mine) {
-      n = neuron_idx[j];
-#pragma unroll
-      for (int t = 0; t < TT; ++t)
-        if (t < T && active[t * n_ff + n]) on |= 1 << t;
-    }
-    const unsigned int listed = __ballot_sync(FULL_MASK, on != 0);
-    if (on) {
-      const int k = __popc(listed & ((1u << lane) - 1));
-      list_row[k] = j;
-      list_on[k] = on;
-      list_neuron[k] = n;
-    } else if (mine) {
-      for (int t = 0; t < T; ++t) h[t * h_stride + (full ? n : j)] = 0.0f;
-    }
-    if (lane == 0) n_listed = __popc(listed);
-  }
+  if (warp == 0)
+    list_needed_rows<TT>(neuron_idx, m, active, n_ff, T, h, h_stride, full, list_row, list_on, list_neuron,
+                         &n_listed, lane);
   __syncthreads();
   const int items = n_listed * segs;
   for (int item = warp; item < items; item += WARPS) {
@@ -311,8 +319,8 @@ __global__ void __launch_bounds__(256) gate_up(
 }
 
 // One token, float rows: h[j] (compact) or h[neuron_idx[j]] (full) = activation of row j, 0 where the neuron is
-// predicted inactive. Block b: warp 0 lists which of the candidate rows [32 b, 32 b + 32) are active (the others
-// get h = 0 and are never read); the 8 warps then take the listed rows in turn, each row read whole, ONE_LOADS
+// predicted inactive. Block b: warp 0 lists the active ones of its 32 candidate rows (list_needed_rows); the 8
+// warps then take the listed rows in turn, each row read whole, ONE_LOADS
 // 16-byte loads of gate and of up in flight per lane (fewer for f32), against x staged once per block as fp32
 // in shared memory (xpad floats, zero past d). Rows and x padded to a multiple of 8.
 template <int WT, int XT>
@@ -323,23 +331,11 @@ __global__ void __launch_bounds__(256) gate_up_one(
     int full) {
   constexpr int U = sizeof(typename Row<WT>::Raw) == 16 ? 8 : 4;
   extern __shared__ float xs[];
-  __shared__ int list_row[32], n_listed;
-  __shared__ long long list_neuron[32];
+  __shared__ int list_row[ROWS_PER_BLOCK], list_on[ROWS_PER_BLOCK], n_listed;
+  __shared__ long long list_neuron[ROWS_PER_BLOCK];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  if (warp == 0) {
-    const int j = blockIdx.x * 32 + lane;
-    const long long n = j < m ? neuron_idx[j] : 0;
-    const bool on = j < m && active[n];
-    const unsigned int listed = __ballot_sync(FULL_MASK, on);
-    if (on) {
-      const int k = __popc(listed & ((1u << lane) - 1));
-      list_row[k] = j;
-      list_neuron[k] = n;
-    } else if (j < m) {
-      h[full ? n : (long long)j] = 0.0f;
-    }
-    if (lane == 0) n_listed = __popc(listed);
-  }
+  if (warp == 0)
+    list_needed_rows<1>(neuron_idx, m, active, 0, 1, h, 0, full, list_row, list_on, list_neuron, &n_listed, lane);
   for (int c = threadIdx.x * 8; c < xpad; c += blockDim.x * 8) Row<XT>::load8(x, c, xs + c);
   __syncthreads();
   for (int k = warp; k < n_listed; k += WARPS) {
