@@ -49,7 +49,7 @@ def _done_counters(device: torch.device) -> torch.Tensor:
 
 
 @functools.cache
-def _sm_count(index: int) -> int:
+def sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
@@ -124,7 +124,7 @@ class CudaBackend(Backend):
             y.copy_(h.to(rows.down_t.dtype) @ rows.down_t[:, : rows.d])
             return
         col_blocks = -(-rows.d // COLS_PER_BLOCK)
-        splits = max(1, min(-(-rows.m // 256), DOWN_BLOCKS_PER_SM * _sm_count(h.device.index) // col_blocks))
+        splits = max(1, min(-(-rows.m // 256), DOWN_BLOCKS_PER_SM * sm_count(h.device.index) // col_blocks))
         rows_per_split = -(-rows.m // splits)
         splits = -(-rows.m // rows_per_split)
         mod, wt = _module(rows.weight_type), WEIGHT_CODES[rows.weight_type]

@@ -1,9 +1,10 @@
 """The dense half of a one-token decode step as fused CUDA kernels (kernels/decode.cu), with plain torch references.
 
 At 7B shapes a decode layer's attention, norms and predictor were ~25 small torch/cuBLAS kernels, each a few
-microseconds even when it moves little; here they are six: matrix-vector products with their epilogue (ReLU, or
-the predictor's threshold straight to a bool mask), one RMSNorm, RoPE fused with the KV-cache write, and attention
-over the cache up to the query's position (split over keys, the splits combined by the last block of each head).
+microseconds even when it moves little; here they are seven: matrix-vector products with their epilogue (the
+attention norm before wqkv, the residual after wo, ReLU after the predictor's fc1, its threshold straight to a
+bool mask after fc2), RoPE fused with the KV-cache write, attention over the cache up to the query's position
+(split over keys, the splits combined by the last block of each head), and the FFN's RMSNorm.
 
 `use_decode_kernels(model)` switches a model's RMSNorm, Block and Predictor modules in place to subclasses that
 run these kernels for one-token CUDA steps in fp16/bf16; every other call (prefill, CPU, fp32) runs the
@@ -68,19 +69,16 @@ def gemv(weight: torch.Tensor, x: torch.Tensor, epilogue: str = "store", thresho
     """weight (n, k) @ x (k,) for one token: the product in x's dtype, its ReLU, or the bool mask product >=
     threshold. fp32 sums; reads each weight once in 16-byte loads. norm = (weight, eps): multiply RMSNorm(x)
     instead of x; residual (n,): add it to the product ("store" only)."""
+    from .cuda import sm_count
+
     n, k = weight.shape
     out = torch.empty(n, dtype=torch.bool if epilogue == "at_least" else x.dtype, device=x.device)
-    wpr = next(w for w in GEMV_WARPS_PER_ROW if w == 8 or n * w // 8 >= 2 * _sm_count(x.device))
+    wpr = next(w for w in GEMV_WARPS_PER_ROW if w == 8 or n * w // 8 >= 2 * sm_count(x.device.index))
     norm_weight, eps = norm if norm is not None else (None, 0.0)
     _launch(f"gemv<{DTYPE_CODES[x.dtype]},{EPILOGUES[epilogue]},{wpr},{int(norm is not None)}>", (-(-n * wpr // 8),),
             256, (weight, x, n, k, float(threshold), out, norm_weight, float(eps), residual), x.device,
             shared_mem=2 * k)
     return out
-
-
-@functools.cache
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def gemv_reference(weight, x, epilogue="store", threshold=0.0, norm=None, residual=None):
@@ -181,22 +179,20 @@ class FusedRMSNorm(RMSNorm):
 
 
 class FusedBlock(Block):
-    def attend(self, x, cos, sin, input_pos, kv_len, mask=None):
-        """Block.attend for one token in four kernels: attention_norm inside the wqkv product, RoPE with the KV
-        write, attention, and wo with the residual added."""
+    def attention_residual(self, x, cos, sin, input_pos, kv_len, mask=None):
+        """x + attention(attention_norm(x)) for one token in four kernels: attention_norm inside the wqkv product,
+        RoPE with the KV write, attention, and wo with the residual added."""
         attn, cache, norm = self.attention, self.attention.kv_cache, self.attention_norm
         if (mask is None or x.numel() != x.shape[-1] or cache is None
                 or not _fits(x, attn.wqkv.weight, attn.wo.weight, norm.weight, cos, sin)
                 or not _gemv_fits(x, attn.wqkv.weight) or not _gemv_fits(x, attn.wo.weight)
                 or cache.k.shape[0] != 1 or cache.k.dtype != x.dtype or attn.head_dim not in ATTENTION_HEAD_DIMS
                 or input_pos.dtype != torch.int64):
-            return super().attend(x, cos, sin, input_pos, kv_len, mask)
+            return super().attention_residual(x, cos, sin, input_pos, kv_len, mask)
         qkv = gemv(attn.wqkv.weight, x.view(-1), norm=(norm.weight, norm.eps))
         q = rope_kv(qkv, cos, sin, input_pos, cache.k, cache.v, attn.n_heads)
         y = decode_attention(q, cache.k, cache.v, input_pos, attn.n_heads)
-        h = gemv(attn.wo.weight, y, residual=x.view(-1)).view(x.shape)
-        active = self.predictor(h) if self.predictor is not None else None
-        return h, self.ffn_norm(h), active
+        return gemv(attn.wo.weight, y, residual=x.view(-1)).view(x.shape)
 
 
 class FusedPredictor(Predictor):

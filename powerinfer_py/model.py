@@ -220,10 +220,13 @@ class Block(nn.Module):
         self.feed_forward = FeedForward(cfg)
         self.predictor: Predictor | None = None  # set when running sparse
 
+    def attention_residual(self, x, cos, sin, input_pos, kv_len, mask=None):
+        return x + self.attention(self.attention_norm(x), cos, sin, input_pos, kv_len, mask)
+
     def attend(self, x, cos, sin, input_pos, kv_len, mask=None):
         """The residual after attention, and the FFN's input and active mask (the predictor reads the residual
         before ffn_norm, as PowerInfer does)."""
-        h = x + self.attention(self.attention_norm(x), cos, sin, input_pos, kv_len, mask)
+        h = self.attention_residual(x, cos, sin, input_pos, kv_len, mask)
         active = self.predictor(h) if self.predictor is not None else None
         return h, self.ffn_norm(h), active
 
