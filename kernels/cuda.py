@@ -36,7 +36,7 @@ def _module(weight_type: str) -> cupy.RawModule:
     names = [f"gate_up<{wt},{xt},{tt}>" for xt in DTYPE_CODES.values() for tt in TOKEN_TILES]
     names += [f"down_partial<{wt},{tt}>" for tt in TOKEN_TILES]
     if weight_type in FLOAT_DTYPES:
-        names += [f"gate_up_one<{wt},{xt}>" for xt in DTYPE_CODES.values()]
+        names += [f"{k}<{wt},{xt}>" for k in ("gate_up_one", "ffn_one") for xt in DTYPE_CODES.values()]
     src = Path(__file__).with_name("sparse_ffn.cu").read_text()
     return cupy.RawModule(code=src, options=("-std=c++17",), name_expressions=names)
 
@@ -46,6 +46,13 @@ def _done_counters(device: torch.device) -> torch.Tensor:
     """down_partial's per-column-block counts of finished splits (zero between launches: the last block resets
     its own); one buffer per device, as launches on a device are ordered on one stream."""
     return torch.zeros(DONE_COUNTERS, dtype=torch.int32, device=device)
+
+
+@functools.cache
+def _ffn_sums(device: torch.device, xpad: int) -> torch.Tensor:
+    """ffn_one's fp32 output sums (xpad) and its count of finished blocks, zero between launches (the last block
+    zeroes them); one per device and row length (launches on a device are ordered on one stream)."""
+    return torch.zeros(xpad + 4, dtype=torch.float32, device=device)
 
 
 @functools.cache
@@ -86,8 +93,29 @@ def _kernel_x(x: torch.Tensor, rows: FFNRows) -> torch.Tensor:
     return xf
 
 
+def _one_token(x: torch.Tensor, rows: FFNRows) -> bool:
+    """Whether a call takes the one-token kernels (whole float rows per warp, x staged in shared memory)."""
+    return x.shape[0] == 1 and rows.weight_type in FLOAT_DTYPES and -(-rows.d // 8) * 8 <= ONE_TOKEN_MAX_X
+
+
 class CudaBackend(Backend):
     name = "cuda"
+
+    def ffn(self, x, rows: FFNRows, active, act, threshold, y):
+        """One token: gate, up and down in one launch (ffn_one); otherwise gate_up, then down."""
+        if not _one_token(x, rows):
+            return super().ffn(x, rows, active, act, threshold, y)
+        xk, active = _kernel_x(x, rows), active.contiguous()
+        xpad = -(-rows.d // 8) * 8
+        sums = _ffn_sums(x.device, xpad)
+        done = sums[xpad:].view(torch.int32)
+        kernel = _module(rows.weight_type).get_function(
+            f"ffn_one<{WEIGHT_CODES[rows.weight_type]},{DTYPE_CODES[xk.dtype]}>")
+        args = (ptr(rows.gate), ptr(rows.up), np.int64(rows.gate.stride(0) * rows.gate.element_size()),
+                ptr(rows.down_t), np.int64(rows.down_t.stride(0) * rows.down_t.element_size()), ptr(rows.neuron_idx),
+                np.int32(rows.m), ptr(active), ptr(xk), np.int32(rows.d), np.int32(xpad), np.int32(ACT_CODES[act]),
+                np.float32(threshold), ptr(sums), ptr(done), ptr(y), np.int32(DTYPE_CODES[y.dtype]))
+        launch(kernel, (-(-rows.m // ROWS_PER_BLOCK),), args, x.device, 4 * max(xpad, 8 * THREADS))
 
     def gate_up(self, x, rows: FFNRows, active, act, threshold, h, full):
         """Write h (fp32, (T, m) or the full (T, n_ff)) for the active neurons."""
@@ -97,7 +125,7 @@ class CudaBackend(Backend):
         xk, active = _kernel_x(x, rows), active.contiguous()
         mod, wt = _module(rows.weight_type), WEIGHT_CODES[rows.weight_type]
         xpad = -(-rows.d // 8) * 8
-        if T == 1 and rows.weight_type in FLOAT_DTYPES and xpad <= ONE_TOKEN_MAX_X:  # whole rows per warp
+        if _one_token(x, rows):
             kernel = mod.get_function(f"gate_up_one<{wt},{DTYPE_CODES[xk.dtype]}>")
             args = (ptr(rows.gate), ptr(rows.up), np.int64(rows.gate.stride(0) * rows.gate.element_size()),
                     ptr(rows.neuron_idx), np.int32(rows.m), ptr(active), ptr(xk), np.int32(rows.d), np.int32(xpad),

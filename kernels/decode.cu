@@ -76,56 +76,80 @@ __device__ __forceinline__ float block_sum(float v) {
 }
 
 enum { STORE = 0, RELU = 1, AT_LEAST = 2 };
+enum { NO_NORM = 0, NORM_X = 1, NORM_OUT = 2 };
+
+// dst (nvec 16-byte vectors) = RMSNorm of x (staged in shared memory) with weight norm_w, rounded as rms_norm
+// rounds; by the whole block (dst may be xs: each thread rewrites only what it read).
+template <int DT>
+__device__ __forceinline__ void rms_normalize(const uint4* xs, int nvec, int k, const unsigned short* norm_w,
+                                              float eps, uint4* dst) {
+  float ss = 0.f;
+  for (int i = threadIdx.x; i < nvec; i += blockDim.x) {
+    float f[8];
+    unpack8<DT>(xs[i], f);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) ss = fmaf(f[e], f[e], ss);
+  }
+  const float r = rsqrtf(block_sum(ss) / k + eps);
+  for (int i = threadIdx.x; i < nvec; i += blockDim.x) {
+    float f[8], g[8];
+    unpack8<DT>(xs[i], f);
+    unpack8<DT>(__ldg(reinterpret_cast<const uint4*>(norm_w) + i), g);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) f[e] = round_f<DT>(f[e] * r) * g[e];
+    dst[i] = pack8<DT>(f);
+  }
+}
+
+// The GEMV_LOADS 16-byte vectors i, i + stride, ... of a weight row (zero past nvec), loaded at once.
+#define GEMV_LOADS 8
+__device__ __forceinline__ void load_row_vectors(const uint4* row, int i, int stride, int nvec, uint4* v) {
+#pragma unroll
+  for (int u = 0; u < GEMV_LOADS; ++u)
+    v[u] = i + stride * u < nvec ? __ldcs(row + i + stride * u) : make_uint4(0, 0, 0, 0);
+}
 
 // y = W x for one token: W (n, k) row-major, k a multiple of 8, rows 16-byte aligned. A block is 8 warps and
 // takes 8 / WPR rows, WPR warps a row (several for short, wide matrices, so that enough loads are in flight);
-// each lane issues GEMV_LOADS 16-byte loads at once, then adds; the row's warps add their sums in order.
+// each lane issues GEMV_LOADS 16-byte loads at once, then adds; the row's warps add their sums in order. The
+// first loads go out before x is staged in shared memory (they do not depend on it).
 // Epilogue: STORE y, RELU relu(y) (both in the dtype), AT_LEAST a bool mask y >= threshold of y rounded to the
-// dtype (as the torch ops compare). With NORM, x is first replaced by RMSNorm(x) with weight norm_w, rounded as
-// rms_norm rounds (each block computes it: it saves a launch). STORE adds residual (n elements, may be
-// null) as the torch add would: round(round(y) + residual). Dynamic shared memory: x (2 k bytes).
-#define GEMV_LOADS 8
+// dtype (as the torch ops compare). NORM_X: x is first replaced by RMSNorm(x) with weight norm_w, rounded as
+// rms_norm rounds (each block computes it: it saves a launch); NORM_OUT: the product takes x itself and block 0
+// also writes RMSNorm(x) to norm_out (the FFN's input, next to the predictor reading the residual). STORE adds
+// residual (n elements, may be null) as the torch add would: round(round(y) + residual). Dynamic shared memory:
+// x (2 k bytes).
 template <int DT, int EPI, int WPR, int NORM>
 __global__ void __launch_bounds__(256) gemv(const unsigned short* __restrict__ w, const unsigned short* __restrict__ x,
                                             int n, int k, float threshold, void* __restrict__ out,
                                             const unsigned short* __restrict__ norm_w, float eps,
-                                            const unsigned short* __restrict__ residual) {
+                                            const unsigned short* __restrict__ residual,
+                                            unsigned short* __restrict__ norm_out) {
   extern __shared__ uint4 xs[];
   __shared__ float sums[8];
   const int nvec = k / 8, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  for (int i = threadIdx.x; i < nvec; i += blockDim.x) xs[i] = __ldg(reinterpret_cast<const uint4*>(x) + i);
-  __syncthreads();
-  if (NORM) {
-    float ss = 0.f;
-    for (int i = threadIdx.x; i < nvec; i += blockDim.x) {
-      float f[8];
-      unpack8<DT>(xs[i], f);
-#pragma unroll
-      for (int e = 0; e < 8; ++e) ss = fmaf(f[e], f[e], ss);
-    }
-    const float r = rsqrtf(block_sum(ss) / k + eps);
-    for (int i = threadIdx.x; i < nvec; i += blockDim.x) {
-      float f[8], g[8];
-      unpack8<DT>(xs[i], f);
-      unpack8<DT>(__ldg(reinterpret_cast<const uint4*>(norm_w) + i), g);
-#pragma unroll
-      for (int e = 0; e < 8; ++e) f[e] = round_f<DT>(f[e] * r) * g[e];
-      xs[i] = pack8<DT>(f);
-    }
-    __syncthreads();
-  }
   const int row = blockIdx.x * (8 / WPR) + warp / WPR, stride = 32 * WPR;
+  const uint4* wr = reinterpret_cast<const uint4*>(w) + (size_t)row * nvec;
+  int i = (warp % WPR) * 32 + lane;
+  uint4 wv[GEMV_LOADS];
+  if (row < n) load_row_vectors(wr, i, stride, nvec, wv);
+  for (int v = threadIdx.x; v < nvec; v += blockDim.x) xs[v] = __ldg(reinterpret_cast<const uint4*>(x) + v);
+  __syncthreads();
+  if (NORM == NORM_X) {
+    rms_normalize<DT>(xs, nvec, k, norm_w, eps, xs);
+    __syncthreads();
+  } else if (NORM == NORM_OUT && blockIdx.x == 0) {
+    rms_normalize<DT>(xs, nvec, k, norm_w, eps, reinterpret_cast<uint4*>(norm_out));
+  }
   float acc = 0.f;
   if (row < n) {
-    const uint4* wr = reinterpret_cast<const uint4*>(w) + (size_t)row * nvec;
-    for (int i = (warp % WPR) * 32 + lane; i < nvec; i += stride * GEMV_LOADS) {
-      uint4 wv[GEMV_LOADS];
-#pragma unroll
-      for (int u = 0; u < GEMV_LOADS; ++u)
-        wv[u] = i + stride * u < nvec ? __ldcs(wr + i + stride * u) : make_uint4(0, 0, 0, 0);
+    while (true) {
 #pragma unroll
       for (int u = 0; u < GEMV_LOADS; ++u)
         if (i + stride * u < nvec) acc += dot8<DT>(wv[u], xs[i + stride * u]);
+      i += stride * GEMV_LOADS;
+      if (i >= nvec) break;
+      load_row_vectors(wr, i, stride, nvec, wv);
     }
   }
   acc = warp_sum(acc);
@@ -144,48 +168,17 @@ __global__ void __launch_bounds__(256) gemv(const unsigned short* __restrict__ w
 }
 
 // One block per row of x (rows, d): out = round(round(x * rsqrt(mean(x^2) + eps)) * weight), as
-// F.rms_norm (fp32, rounded once) followed by the weight's product in the dtype. d a multiple of 8, at most
-// 8 * NORM_VECS * blockDim: every element is loaded once, up front, in 16-byte loads.
-#define NORM_VECS 4
+// F.rms_norm (fp32, rounded once) followed by the weight's product in the dtype. d a multiple of 8; the row is
+// staged in shared memory (dynamic, 2 d bytes) in 16-byte loads.
 template <int DT>
 __global__ void rms_norm(const unsigned short* __restrict__ x, const unsigned short* __restrict__ weight, int d,
                          float eps, unsigned short* __restrict__ out) {
+  extern __shared__ uint4 xs[];
   const int nvec = d / 8;
   const uint4* xr = reinterpret_cast<const uint4*>(x + (size_t)blockIdx.x * d);
-  const uint4* wr = reinterpret_cast<const uint4*>(weight);
-  uint4* outr = reinterpret_cast<uint4*>(out + (size_t)blockIdx.x * d);
-  uint4 xv[NORM_VECS], wv[NORM_VECS];
-#pragma unroll
-  for (int v = 0; v < NORM_VECS; ++v) {
-    const int i = threadIdx.x + v * blockDim.x;
-    if (i < nvec) {
-      xv[v] = __ldg(xr + i);
-      wv[v] = __ldg(wr + i);
-    }
-  }
-  float ss = 0.f;
-#pragma unroll
-  for (int v = 0; v < NORM_VECS; ++v) {
-    if (threadIdx.x + v * blockDim.x < nvec) {
-      float f[8];
-      unpack8<DT>(xv[v], f);
-#pragma unroll
-      for (int e = 0; e < 8; ++e) ss = fmaf(f[e], f[e], ss);
-    }
-  }
-  const float r = rsqrtf(block_sum(ss) / d + eps);
-#pragma unroll
-  for (int v = 0; v < NORM_VECS; ++v) {
-    const int i = threadIdx.x + v * blockDim.x;
-    if (i < nvec) {
-      float f[8], g[8];
-      unpack8<DT>(xv[v], f);
-      unpack8<DT>(wv[v], g);
-#pragma unroll
-      for (int e = 0; e < 8; ++e) f[e] = round_f<DT>(f[e] * r) * g[e];
-      outr[i] = pack8<DT>(f);
-    }
-  }
+  for (int i = threadIdx.x; i < nvec; i += blockDim.x) xs[i] = __ldg(xr + i);
+  __syncthreads();
+  rms_normalize<DT>(xs, nvec, d, weight, eps, reinterpret_cast<uint4*>(out + (size_t)blockIdx.x * d));
 }
 
 // RoPE on one token's q and k heads and the cache write of k and v at position *pos. qkv: q (n_heads heads),

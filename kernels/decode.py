@@ -1,10 +1,11 @@
 """The dense half of a one-token decode step as fused CUDA kernels (kernels/decode.cu), with plain torch references.
 
 At 7B shapes a decode layer's attention, norms and predictor were ~25 small torch/cuBLAS kernels, each a few
-microseconds even when it moves little; here they are seven: matrix-vector products with their epilogue (the
-attention norm before wqkv, the residual after wo, ReLU after the predictor's fc1, its threshold straight to a
-bool mask after fc2), RoPE fused with the KV-cache write, attention over the cache up to the query's position
-(split over keys, the splits combined by the last block of each head), and the FFN's RMSNorm.
+microseconds even when it moves little; here they are six: matrix-vector products with their prologue or
+epilogue (the attention norm before wqkv, the residual after wo, ReLU after the predictor's fc1 with the FFN's
+RMSNorm written beside it, the threshold straight to a bool mask after fc2), RoPE fused with the KV-cache write,
+and attention over the cache up to the query's position (split over keys, the splits combined by the last block
+of each head). A stand-alone RMSNorm kernel serves the other norms (the output's, layers without a predictor).
 
 `use_decode_kernels(model)` switches a model's RMSNorm, Block and Predictor modules in place to subclasses that
 run these kernels for one-token CUDA steps in fp16/bf16; every other call (prefill, CPU, fp32) runs the
@@ -25,10 +26,13 @@ from .rows import DTYPE_CODES
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)  # the kernels' element types (rows.DTYPE_CODES 1 and 2)
 EPILOGUES = {"store": 0, "relu": 1, "at_least": 2}  # the order of decode.cu's enum
+NORMS = {None: 0, "x": 1, "out": 2}  # decode.cu's NO_NORM, NORM_X, NORM_OUT
+# (epilogue, norm) pairs compiled: the plain products, wqkv (attention_norm first), the predictor's fc1 (ffn_norm
+# written beside it)
+GEMV_VARIANTS = [(e, 0) for e in EPILOGUES.values()] + [(EPILOGUES["store"], 1), (EPILOGUES["relu"], 2)]
 GEMV_WARPS_PER_ROW = (1, 2, 4, 8)  # compiled for; the fewest that still give every SM a few blocks
 GEMV_MAX_K = 16 << 10  # x is staged in shared memory: 2 bytes an element, 32 KB
 NORM_THREADS = 512
-NORM_MAX_D = 8 * 4 * NORM_THREADS  # rms_norm holds 4 16-byte vectors per thread (NORM_VECS)
 ATTENTION_THREADS = 128
 ATTENTION_HEAD_DIMS = (8, 16, 32, 64, 128, 256)  # 8 elements a thread, a key's threads within one warp
 ATTENTION_MAX_SPLITS = 32  # key splits per head at most; each leaves hd + 2 fp32 values
@@ -44,8 +48,8 @@ def attention_workspace_bytes(n_heads: int, head_dim: int) -> int:
 def _module():
     import cupy
 
-    names = [f"gemv<{dt},{e},{w},{norm}>" for dt in map(DTYPE_CODES.get, HALF_DTYPES) for e in EPILOGUES.values()
-             for w in GEMV_WARPS_PER_ROW for norm in (0, 1) if e == EPILOGUES["store"] or not norm]
+    names = [f"gemv<{dt},{e},{w},{norm}>" for dt in map(DTYPE_CODES.get, HALF_DTYPES) for e, norm in GEMV_VARIANTS
+             for w in GEMV_WARPS_PER_ROW]
     names += [f"{k}<{dt}>" for k in ("rms_norm", "rope_kv", "decode_attention")
               for dt in map(DTYPE_CODES.get, HALF_DTYPES)]
     src = Path(__file__).with_name("decode.cu").read_text()
@@ -65,23 +69,30 @@ def _launch(name: str, grid, block: int, args, device, shared_mem: int = 0):
 # ---------------------------------------------------------------- the kernels, each with its reference
 
 def gemv(weight: torch.Tensor, x: torch.Tensor, epilogue: str = "store", threshold: float = 0.0,
-         norm: tuple[torch.Tensor, float] | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
+         norm: tuple[torch.Tensor, float] | None = None, residual: torch.Tensor | None = None,
+         side_norm: tuple[torch.Tensor, float] | None = None):
     """weight (n, k) @ x (k,) for one token: the product in x's dtype, its ReLU, or the bool mask product >=
     threshold. fp32 sums; reads each weight once in 16-byte loads. norm = (weight, eps): multiply RMSNorm(x)
-    instead of x; residual (n,): add it to the product ("store" only)."""
+    instead of x ("store" only); residual (n,): add it to the product ("store" only); side_norm = (weight, eps):
+    also return RMSNorm(x) ("relu" only; the predictor's fc1 and ffn_norm read the same residual), as
+    (product, normed)."""
     from .cuda import sm_count
 
     n, k = weight.shape
     out = torch.empty(n, dtype=torch.bool if epilogue == "at_least" else x.dtype, device=x.device)
+    normed = torch.empty_like(x) if side_norm is not None else None
     wpr = next(w for w in GEMV_WARPS_PER_ROW if w == 8 or n * w // 8 >= 2 * sm_count(x.device.index))
-    norm_weight, eps = norm if norm is not None else (None, 0.0)
-    _launch(f"gemv<{DTYPE_CODES[x.dtype]},{EPILOGUES[epilogue]},{wpr},{int(norm is not None)}>", (-(-n * wpr // 8),),
-            256, (weight, x, n, k, float(threshold), out, norm_weight, float(eps), residual), x.device,
+    norm_weight, eps = norm or side_norm or (None, 0.0)
+    variant = NORMS["x" if norm is not None else "out" if side_norm is not None else None]
+    _launch(f"gemv<{DTYPE_CODES[x.dtype]},{EPILOGUES[epilogue]},{wpr},{variant}>", (-(-n * wpr // 8),), 256,
+            (weight, x, n, k, float(threshold), out, norm_weight, float(eps), residual, normed), x.device,
             shared_mem=2 * k)
-    return out
+    return out if normed is None else (out, normed)
 
 
-def gemv_reference(weight, x, epilogue="store", threshold=0.0, norm=None, residual=None):
+def gemv_reference(weight, x, epilogue="store", threshold=0.0, norm=None, residual=None, side_norm=None):
+    if side_norm is not None:
+        return gemv_reference(weight, x, epilogue, threshold), rms_norm_reference(x, *side_norm)
     if norm is not None:
         x = rms_norm_reference(x, *norm)
     y = F.linear(x, weight)
@@ -91,12 +102,12 @@ def gemv_reference(weight, x, epilogue="store", threshold=0.0, norm=None, residu
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """model.RMSNorm over the last dimension of a contiguous x (d a multiple of 8, at most NORM_MAX_D), one block
+    """model.RMSNorm over the last dimension of a contiguous x (d a multiple of 8, at most GEMV_MAX_K), one block
     per row."""
     out = torch.empty_like(x)
     d = x.shape[-1]
     _launch(f"rms_norm<{DTYPE_CODES[x.dtype]}>", (x.numel() // d,), NORM_THREADS, (x, weight, d, float(eps), out),
-            x.device)
+            x.device, shared_mem=2 * d)
     return out
 
 
@@ -173,7 +184,7 @@ def _gemv_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
 class FusedRMSNorm(RMSNorm):
     def forward(self, x):
         d = x.shape[-1]
-        if not _fits(x, self.weight) or d % 8 or d > NORM_MAX_D:
+        if not _fits(x, self.weight) or d % 8 or d > GEMV_MAX_K:
             return super().forward(x)
         return rms_norm(x, self.weight, self.eps)
 
@@ -194,14 +205,33 @@ class FusedBlock(Block):
         y = decode_attention(q, cache.k, cache.v, input_pos, attn.n_heads)
         return gemv(attn.wo.weight, y, residual=x.view(-1)).view(x.shape)
 
+    def ffn_inputs(self, h):
+        """One token with a fused predictor: ffn_norm comes out of the predictor's fc1 launch."""
+        predictor, norm = self.predictor, self.ffn_norm
+        if not isinstance(predictor, FusedPredictor) or not predictor.fits(h) or not _fits(h, norm.weight):
+            return super().ffn_inputs(h)
+        active, x_ffn = predictor.forward_with_norm(h, norm)
+        return x_ffn, active
+
 
 class FusedPredictor(Predictor):
-    def forward(self, p):
+    def fits(self, p) -> bool:
+        """Whether the kernels take p: one token, fp16/bf16 on CUDA like the weights, k within the gemv's."""
         w1, w2 = self.fc1.weight, self.fc2.weight
-        if p.numel() != p.shape[-1] or not _fits(p, w1, w2) or not _gemv_fits(p, w1) or not _gemv_fits(p, w2):
+        return p.numel() == p.shape[-1] and _fits(p, w1, w2) and _gemv_fits(p, w1) and _gemv_fits(p, w2)
+
+    def forward(self, p):
+        if not self.fits(p):
             return super().forward(p)
-        hidden = gemv(w1, p.view(-1), "relu")
-        return gemv(w2, hidden, "at_least", self.threshold).view(*p.shape[:-1], -1)
+        return self.mask(gemv(self.fc1.weight, p.view(-1), "relu"), p)
+
+    def forward_with_norm(self, p, norm: RMSNorm):
+        """(active mask, norm(p)) for a p that `fits`: fc1's launch also writes the norm (it reads p anyway)."""
+        hidden, normed = gemv(self.fc1.weight, p.view(-1), "relu", side_norm=(norm.weight, norm.eps))
+        return self.mask(hidden, p), normed.view(p.shape)
+
+    def mask(self, hidden, p):
+        return gemv(self.fc2.weight, hidden, "at_least", self.threshold).view(*p.shape[:-1], -1)
 
 
 FUSED = {RMSNorm: FusedRMSNorm, Block: FusedBlock, Predictor: FusedPredictor}

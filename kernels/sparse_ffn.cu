@@ -1,6 +1,7 @@
 // Sparse FFN kernels over rows gathered by a device-side mask (compiled by CuPy's NVRTC; no headers needed).
 // Rows are packed by kernels/rows.py: row_bytes a multiple of 16, float rows zero-padded to a multiple of 8
-// elements; x likewise. All sums are fp32 in a fixed order (deterministic).
+// elements; x likewise. All sums are fp32 in a fixed order (deterministic), but for ffn_one's, whose blocks add
+// into one output atomically.
 
 #define FULL_MASK 0xffffffffu
 #define WARPS 8  // warps per block; every kernel runs 256 threads
@@ -222,8 +223,8 @@ __device__ __forceinline__ void quant_segment_dot(const unsigned char* grow, con
 }
 
 // Warp 0 of a gate_up block: lists which of the block's candidate rows [32 b, 32 b + 32) some token needs (their
-// index j, neuron n and token bits, in row order, n_listed of them), and writes h = 0 for the others, which are
-// never read. active (T, n_ff), h (T, h_stride) compact (column j) or full (column n).
+// index j, neuron n and token bits, in row order, n_listed of them), and writes h = 0 (h not null) for the others,
+// which are never read. active (T, n_ff), h (T, h_stride) compact (column j) or full (column n).
 template <int TT>
 __device__ __forceinline__ void list_needed_rows(const long long* __restrict__ neuron_idx, int m,
                                                  const bool* __restrict__ active, long long n_ff, int T,
@@ -244,7 +245,7 @@ __device__ __forceinline__ void list_needed_rows(const long long* __restrict__ n
     list_row[k] = j;
     list_on[k] = on;
     list_neuron[k] = n;
-  } else if (j < m) {
+  } else if (j < m && h != nullptr) {
     for (int t = 0; t < T; ++t) h[t * h_stride + (full ? n : j)] = 0.0f;
   }
   if (lane == 0) *n_listed = __popc(listed);
@@ -318,27 +319,25 @@ __global__ void __launch_bounds__(256) gate_up(
   }
 }
 
-// One token, float rows: h[j] (compact) or h[neuron_idx[j]] (full) = activation of row j, 0 where the neuron is
-// predicted inactive. Block b: warp 0 lists the active ones of its 32 candidate rows (list_needed_rows); the 8
-// warps then take the listed rows in turn, each row read whole, ONE_LOADS
-// 16-byte loads of gate and of up in flight per lane (fewer for f32), against x staged once per block as fp32
-// in shared memory (xpad floats, zero past d). Rows and x padded to a multiple of 8.
+// One token, float rows: the activations of block b's candidate rows [32 b, 32 b + 32) that the token needs,
+// into hs (listed order; 0 where the neuron is predicted inactive), with list_needed_rows' lists (h, if not
+// null, gets 0 for the rows not listed). Warp 0 lists the rows; the 8 warps then take the listed rows in turn,
+// each row read whole, U 16-byte loads of gate and of up in flight per lane (fewer for f32), against x staged
+// once per block as fp32 in shared memory xs (xpad floats, zero past d). Rows and x padded to a multiple of 8.
+// Ends with the block synchronised.
 template <int WT, int XT>
-__global__ void __launch_bounds__(256) gate_up_one(
+__device__ __forceinline__ void one_token_activations(
     const unsigned char* __restrict__ gate, const unsigned char* __restrict__ up, long long row_bytes,
     const long long* __restrict__ neuron_idx, int m, const bool* __restrict__ active,
     const unsigned char* __restrict__ x, int d, int xpad, int act, float threshold, float* __restrict__ h,
-    int full) {
+    int full, float* xs, int* list_row, int* list_on, long long* list_neuron, int* n_listed, float* hs) {
   constexpr int U = sizeof(typename Row<WT>::Raw) == 16 ? 8 : 4;
-  extern __shared__ float xs[];
-  __shared__ int list_row[ROWS_PER_BLOCK], list_on[ROWS_PER_BLOCK], n_listed;
-  __shared__ long long list_neuron[ROWS_PER_BLOCK];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   if (warp == 0)
-    list_needed_rows<1>(neuron_idx, m, active, 0, 1, h, 0, full, list_row, list_on, list_neuron, &n_listed, lane);
+    list_needed_rows<1>(neuron_idx, m, active, 0, 1, h, 0, full, list_row, list_on, list_neuron, n_listed, lane);
   for (int c = threadIdx.x * 8; c < xpad; c += blockDim.x * 8) Row<XT>::load8(x, c, xs + c);
   __syncthreads();
-  for (int k = warp; k < n_listed; k += WARPS) {
+  for (int k = warp; k < *n_listed; k += WARPS) {
     const long long j = list_row[k];
     const unsigned char* grow = gate + j * row_bytes;
     const unsigned char* urow = up + j * row_bytes;
@@ -373,8 +372,140 @@ __global__ void __launch_bounds__(256) gate_up_one(
       g += __shfl_xor_sync(FULL_MASK, g, off);
       u += __shfl_xor_sync(FULL_MASK, u, off);
     }
-    if (lane == 0) h[full ? list_neuron[k] : j] = ffn_activation(g, u, act, threshold);
+    if (lane == 0) hs[k] = ffn_activation(g, u, act, threshold);
   }
+  __syncthreads();
+}
+
+// One token, float rows: h[j] (compact) or h[neuron_idx[j]] (full) = activation of row j, 0 where the neuron is
+// predicted inactive (one_token_activations over block b's rows). Dynamic shared memory: xpad floats.
+template <int WT, int XT>
+__global__ void __launch_bounds__(256) gate_up_one(
+    const unsigned char* __restrict__ gate, const unsigned char* __restrict__ up, long long row_bytes,
+    const long long* __restrict__ neuron_idx, int m, const bool* __restrict__ active,
+    const unsigned char* __restrict__ x, int d, int xpad, int act, float threshold, float* __restrict__ h,
+    int full) {
+  extern __shared__ float xs[];
+  __shared__ int list_row[ROWS_PER_BLOCK], list_on[ROWS_PER_BLOCK], n_listed;
+  __shared__ long long list_neuron[ROWS_PER_BLOCK];
+  __shared__ float hs[ROWS_PER_BLOCK];
+  one_token_activations<WT, XT>(gate, up, row_bytes, neuron_idx, m, active, x, d, xpad, act, threshold, h, full,
+                                xs, list_row, list_on, list_neuron, &n_listed, hs);
+  if (threadIdx.x < n_listed) h[full ? list_neuron[threadIdx.x] : list_row[threadIdx.x]] = hs[threadIdx.x];
+}
+
+// acc[c..c+7] += v[0..7] (global fp32, one vector reduction on sm_90)
+__device__ __forceinline__ void red_add8(float* acc, const float* v) {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(acc), "f"(v[0]), "f"(v[1]), "f"(v[2]), "f"(v[3])
+               : "memory");
+  asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(acc + 4), "f"(v[4]), "f"(v[5]), "f"(v[6]),
+               "f"(v[7])
+               : "memory");
+#else
+#pragma unroll
+  for (int e = 0; e < 8; ++e) atomicAdd(acc + e, v[e]);
+#endif
+}
+
+// The whole FFN of one token over float rows, in one launch: y (d, out_type: fp32 0, fp16 1, bf16 2) = sum over
+// the rows j the token needs of activation_j * down[j]. Block b computes its candidate rows' activations
+// (one_token_activations), multiplies the nonzero ones by their down rows (each thread 8 columns, DOWN_LOADS rows'
+// loads in flight; short rows: several groups of threads take every groups-th row and add up in shared memory)
+// and adds its sums to acc (xpad fp32, zero between launches) with atomic vector adds; the last block to finish
+// (counted in *done) writes acc to y and zeroes acc and *done for the next launch. The order of the atomic
+// adds varies, so y may differ from run to run by fp32 rounding. Dynamic shared memory: max(xpad, 2048) floats
+// (x, then the groups' sums).
+#define DOWN_LOADS 4
+template <int WT, int XT>
+__global__ void __launch_bounds__(256) ffn_one(
+    const unsigned char* __restrict__ gate, const unsigned char* __restrict__ up, long long row_bytes,
+    const unsigned char* __restrict__ down, long long down_row_bytes, const long long* __restrict__ neuron_idx,
+    int m, const bool* __restrict__ active, const unsigned char* __restrict__ x, int d, int xpad, int act,
+    float threshold, float* __restrict__ acc, int* __restrict__ done, void* __restrict__ y, int out_type) {
+  extern __shared__ float xs[];
+  __shared__ int list_row[ROWS_PER_BLOCK], list_on[ROWS_PER_BLOCK], n_listed, n_down;
+  __shared__ long long list_neuron[ROWS_PER_BLOCK];
+  __shared__ float hs[ROWS_PER_BLOCK], down_h[ROWS_PER_BLOCK];
+  __shared__ int down_row[ROWS_PER_BLOCK];
+  __shared__ bool last;
+  float* group_sums = xs;  // x is no longer read once the activations are known
+  one_token_activations<WT, XT>(gate, up, row_bytes, neuron_idx, m, active, x, d, xpad, act, threshold, nullptr,
+                                0, xs, list_row, list_on, list_neuron, &n_listed, hs);
+  if (threadIdx.x < 32) {  // the rows with a nonzero activation, in row order
+    const bool nz = threadIdx.x < n_listed && hs[threadIdx.x] != 0.0f;
+    const unsigned int listed = __ballot_sync(FULL_MASK, nz);
+    if (nz) {
+      const int k = __popc(listed & ((1u << threadIdx.x) - 1));
+      down_row[k] = list_row[threadIdx.x];
+      down_h[k] = hs[threadIdx.x];
+    }
+    if (threadIdx.x == 0) n_down = __popc(listed);
+  }
+  __syncthreads();
+  const int nvec = xpad / 8, span = min(nvec, 256), groups = 256 / span;
+  const int g = threadIdx.x / span, v0 = threadIdx.x % span;
+  if (n_down > 0 && g < groups) {
+    for (int v = v0; v < nvec; v += span) {
+      float sum[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+      for (int k0 = g; k0 < n_down; k0 += groups * DOWN_LOADS) {
+        typename Row<WT>::Raw raw[DOWN_LOADS];
+#pragma unroll
+        for (int q = 0; q < DOWN_LOADS; ++q) {
+          const int k = k0 + q * groups;
+          if (k < n_down) raw[q] = Row<WT>::raw8(down + (long long)down_row[k] * down_row_bytes, v * 8);
+        }
+#pragma unroll
+        for (int q = 0; q < DOWN_LOADS; ++q) {
+          const int k = k0 + q * groups;
+          if (k < n_down) {
+            float dv[8];
+            Row<WT>::decode8(raw[q], dv);
+#pragma unroll
+            for (int e = 0; e < 8; ++e) sum[e] = fmaf(down_h[k], dv[e], sum[e]);
+          }
+        }
+      }
+      if (groups == 1) {
+        red_add8(acc + v * 8, sum);
+      } else {  // one pass (nvec < 256): the groups' sums added in group order
+#pragma unroll
+        for (int e = 0; e < 8; ++e) group_sums[threadIdx.x * 8 + e] = sum[e];
+      }
+    }
+  }
+  if (groups > 1) {
+    __syncthreads();
+    if (n_down > 0 && g == 0) {
+      float sum[8];
+#pragma unroll
+      for (int e = 0; e < 8; ++e) sum[e] = group_sums[v0 * 8 + e];
+      for (int q = 1; q < groups; ++q)
+#pragma unroll
+        for (int e = 0; e < 8; ++e) sum[e] += group_sums[(q * span + v0) * 8 + e];
+      red_add8(acc + v0 * 8, sum);
+    }
+  }
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(done, 1) == (int)gridDim.x - 1;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  for (int c = threadIdx.x; c < xpad; c += blockDim.x) {
+    const float s = __ldcg(acc + c);
+    __stcg(acc + c, 0.0f);
+    if (c >= d) continue;
+    if (out_type == 0) {
+      reinterpret_cast<float*>(y)[c] = s;
+    } else {
+      unsigned short b;
+      if (out_type == 1) asm("cvt.rn.f16.f32 %0, %1;" : "=h"(b) : "f"(s));
+      else asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(b) : "f"(s));
+      reinterpret_cast<unsigned short*>(y)[c] = b;
+    }
+  }
+  if (threadIdx.x == 0) *done = 0;
 }
 
 // v[q] = this lane's 8 columns (c) of row base + lanes[q] (q < 4, lanes[q] < 0: none) of quantized rows: the

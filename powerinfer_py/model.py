@@ -224,11 +224,14 @@ class Block(nn.Module):
         return x + self.attention(self.attention_norm(x), cos, sin, input_pos, kv_len, mask)
 
     def attend(self, x, cos, sin, input_pos, kv_len, mask=None):
-        """The residual after attention, and the FFN's input and active mask (the predictor reads the residual
-        before ffn_norm, as PowerInfer does)."""
+        """The residual after attention, and the FFN's input and active mask."""
         h = self.attention_residual(x, cos, sin, input_pos, kv_len, mask)
+        return h, *self.ffn_inputs(h)
+
+    def ffn_inputs(self, h):
+        """The FFN's input and active mask; the predictor reads the residual before ffn_norm, as PowerInfer does."""
         active = self.predictor(h) if self.predictor is not None else None
-        return h, self.ffn_norm(h), active
+        return self.ffn_norm(h), active
 
     def forward(self, x, cos, sin, input_pos, kv_len, mask=None):
         h, x_ffn, active = self.attend(x, cos, sin, input_pos, kv_len, mask)

@@ -48,6 +48,9 @@ def test_gemv_with_the_norm_before_and_the_residual_after(dtype, n, k):
     got = decode.gemv(w, x, residual=residual)
     assert rel_err(got, residual.double() + w.double() @ x.double()) < 2 * ULP[dtype]
     assert rel_err(got, decode.gemv_reference(w, x, residual=residual)) < 2 * ULP[dtype]
+    got, got_normed = decode.gemv(w, x, "relu", side_norm=(norm_weight, 1e-5))  # fc1 with ffn_norm beside it
+    assert rel_err(got, (w.double() @ x.double()).clamp_min(0)) < 2 * ULP[dtype]
+    assert ((got_normed.double() - normed).abs() <= 2 * ULP[dtype] * normed.abs() + 1e-30).all()
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -133,6 +136,26 @@ def test_predictor_mask_matches_the_module(dtype):
     assert type(pred) is decode.FusedPredictor and got.shape == want.shape
     near = (logits - 0.25).abs() <= 4 * ULP[dtype] * logits.abs().max()
     assert torch.equal(got[~near], want[~near])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_block_ffn_inputs_from_the_predictor_launch(dtype):
+    """FusedBlock.ffn_inputs: the mask and ffn_norm out of the predictor's two launches, as the torch modules."""
+    cfg = ModelConfig(dim=256, n_layers=1, n_heads=8, n_kv_heads=2, head_dim=32, n_ff=1000, vocab_size=300,
+                      norm_eps=1e-5, ffn_act="relu", max_seq_len=64)
+    block = Transformer(cfg).layers[0]
+    block.predictor = Predictor(256, 64, 1000, threshold=0.25)
+    block.to("cuda", dtype)
+    h = (3 * torch.randn(1, 1, 256, device="cuda")).to(dtype)
+    with torch.no_grad():
+        logits = block.predictor.logits(h).double()
+        want_x, want_active = block.ffn_inputs(h)
+        decode.use_decode_kernels(block)
+        got_x, got_active = block.ffn_inputs(h)
+    assert type(block) is decode.FusedBlock and type(block.predictor) is decode.FusedPredictor
+    assert got_x.shape == want_x.shape and rel_err(got_x, want_x) < 2 * ULP[dtype]
+    near = (logits - 0.25).abs() <= 4 * ULP[dtype] * logits.abs().max()
+    assert got_active.shape == want_active.shape and torch.equal(got_active[~near], want_active[~near])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
