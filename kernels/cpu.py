@@ -139,7 +139,7 @@ class CpuBackend(Backend):
                          active.shape[1], xf.data_ptr(), rows.d, T, ACT_CODES[act], threshold, h.data_ptr(),
                          int(full), _threads(rows.gate))
 
-    def ffn(self, x, rows: FFNRows, active, act, threshold, y):
+    def ffn(self, x, rows: FFNRows, active, act, threshold, y, residual=None) -> bool:
         """y = the rows' FFN output: one pass over each needed row (C kernels), or gate_up then down."""
         T = x.shape[0]
         if self.lib is None or T > NATIVE_MAX_TOKENS:
@@ -149,6 +149,7 @@ class CpuBackend(Backend):
                      WEIGHT_CODES[rows.weight_type], rows.neuron_idx.data_ptr(), rows.m, active.data_ptr(),
                      active.shape[1], xf.data_ptr(), rows.d, T, ACT_CODES[act], threshold, y.data_ptr(),
                      DTYPE_CODES[y.dtype], _threads(rows.gate))
+        return False
 
     def down(self, h, rows: FFNRows, y):
         T = h.shape[0]

@@ -27,6 +27,11 @@ GATE_UP_SMEM = 24 << 10  # gate_up's dynamic shared memory at most (its 18 KB st
 DENSE_MIN_TOKENS = 4
 ONE_TOKEN_MAX_X = 12 << 10  # gate_up_one stages x in shared memory as fp32: at most 48 KB
 DONE_COUNTERS = 4096  # column blocks of 256: rows of up to 1M elements (16 KB; the ledger's small buffers)
+# ffn_one takes one-token steps over rows of at most this many bytes: a block's chain of dependent reads (list,
+# gate/up, down, the last block's write) beats two launches only while the rows are few (measured on an H200
+# with scratch timings, BENCHMARKS.md: d=576 m=1536 5 MB 8.5 against 10.4 us; d=1024 m=2000 12 MB 9.9 against
+# 9.6; 7B's hot rows 181 MB 40.7 against 33.5)
+ONE_LAUNCH_MAX_BYTES = 8 << 20
 DOWN_BLOCKS_PER_SM = 2  # down_partial: row splits x column blocks ~ this many blocks per SM (kernels.bench sweeps it)
 
 
@@ -101,21 +106,23 @@ def _one_token(x: torch.Tensor, rows: FFNRows) -> bool:
 class CudaBackend(Backend):
     name = "cuda"
 
-    def ffn(self, x, rows: FFNRows, active, act, threshold, y):
-        """One token: gate, up and down in one launch (ffn_one); otherwise gate_up, then down."""
-        if not _one_token(x, rows):
+    def ffn(self, x, rows: FFNRows, active, act, threshold, y, residual=None) -> bool:
+        """One token over small float rows: gate, up, down and the residual in one launch (ffn_one); otherwise
+        gate_up, then down."""
+        if not _one_token(x, rows) or rows.nbytes > ONE_LAUNCH_MAX_BYTES:
             return super().ffn(x, rows, active, act, threshold, y)
         xk, active = _kernel_x(x, rows), active.contiguous()
         xpad = -(-rows.d // 8) * 8
         sums = _ffn_sums(x.device, xpad)
-        done = sums[xpad:].view(torch.int32)
         kernel = _module(rows.weight_type).get_function(
             f"ffn_one<{WEIGHT_CODES[rows.weight_type]},{DTYPE_CODES[xk.dtype]}>")
         args = (ptr(rows.gate), ptr(rows.up), np.int64(rows.gate.stride(0) * rows.gate.element_size()),
                 ptr(rows.down_t), np.int64(rows.down_t.stride(0) * rows.down_t.element_size()), ptr(rows.neuron_idx),
                 np.int32(rows.m), ptr(active), ptr(xk), np.int32(rows.d), np.int32(xpad), np.int32(ACT_CODES[act]),
-                np.float32(threshold), ptr(sums), ptr(done), ptr(y), np.int32(DTYPE_CODES[y.dtype]))
+                np.float32(threshold), ptr(sums), ptr(sums[xpad:].view(torch.int32)), ptr(y),
+                np.int32(DTYPE_CODES[y.dtype]), np.uint64(0) if residual is None else ptr(residual))
         launch(kernel, (-(-rows.m // ROWS_PER_BLOCK),), args, x.device, 4 * max(xpad, 8 * THREADS))
+        return True
 
     def gate_up(self, x, rows: FFNRows, active, act, threshold, h, full):
         """Write h (fp32, (T, m) or the full (T, n_ff)) for the active neurons."""

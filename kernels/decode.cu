@@ -317,3 +317,4 @@ __global__ void decode_attention(const unsigned short* __restrict__ q, const uns
   }
   if (threadIdx.x == 0) counters[h] = 0;
 }
+

@@ -22,10 +22,12 @@ class Backend:
     """What every backend does: gate_up and down (its kernels) and ffn, by default the two one after the other
     (a backend with a one-pass kernel overrides it)."""
 
-    def ffn(self, x, rows, active, act, threshold, y):
+    def ffn(self, x, rows, active, act, threshold, y, residual=None) -> bool:
+        """y = the rows' FFN output; True if a kernel also added `residual` (else the caller adds it)."""
         h = torch.empty((x.shape[0], rows.m), dtype=torch.float32, device=rows.device)
         self.gate_up(x, rows, active, act, threshold, h, False)
         self.down(h, rows, y)
+        return False
 
 
 class ReferenceBackend(Backend):
@@ -133,14 +135,20 @@ def sparse_down(h, rows: FFNRows, out=None):
     return out
 
 
-def sparse_ffn(x, rows: FFNRows, active, act="relu", threshold=0.0, out=None):
+def sparse_ffn(x, rows: FFNRows, active, act="relu", threshold=0.0, out=None, residual=None):
     """The rows' share of the FFN output, (T, d) in x's dtype (or into out): sum over the active neurons j
-    of ffn_activation(gate_j . x, up_j . x) * down_t_rows[j]."""
+    of ffn_activation(gate_j . x, up_j . x) * down_t_rows[j]; with residual (out's dtype and shape), residual
+    plus that, rounded as the torch add would (a one-token kernel adds it as it writes)."""
     _check_inputs(x, rows, active, act)
     if out is not None:
         _check_out(out, tuple(x.shape), X_DTYPES, rows.device)
     out = out if out is not None else x.new_empty(x.shape)
+    if residual is not None:
+        _check_tensor("residual", residual, (out.dtype,), tuple(x.shape), rows.device)
+        residual = residual.contiguous()
     if rows.m == 0 or x.shape[0] == 0:
-        return out.zero_()
-    get_backend(rows.device.type).ffn(x, rows, active, act, float(threshold), out)
+        return out.zero_() if residual is None else out.copy_(residual)
+    added = get_backend(rows.device.type).ffn(x, rows, active, act, float(threshold), out, residual)
+    if residual is not None and not added:
+        out.add_(residual)
     return out

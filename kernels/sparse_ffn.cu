@@ -17,6 +17,18 @@ __device__ __forceinline__ float half_to_float(unsigned short h) {
 
 __device__ __forceinline__ float bf16_to_float(unsigned short b) { return __uint_as_float((unsigned int)b << 16); }
 
+// fp32 to and from an output's 16-bit type (1 fp16, 2 bf16), rounding to nearest even
+__device__ __forceinline__ unsigned short to_half(float f, int type) {
+  unsigned short b;
+  if (type == 1) asm("cvt.rn.f16.f32 %0, %1;" : "=h"(b) : "f"(f));
+  else asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(b) : "f"(f));
+  return b;
+}
+
+__device__ __forceinline__ float from_half(unsigned short b, int type) {
+  return type == 1 ? half_to_float(b) : bf16_to_float(b);
+}
+
 // Row<WT>::load8(row, c, v): elements c..c+7 of a row (c a multiple of 8) as fp32. Float types also split it
 // into raw8 (the 16-byte loads, issued early) and decode8.
 template <int WT> struct Row;
@@ -408,21 +420,23 @@ __device__ __forceinline__ void red_add8(float* acc, const float* v) {
 #endif
 }
 
-// The whole FFN of one token over float rows, in one launch: y (d, out_type: fp32 0, fp16 1, bf16 2) = sum over
-// the rows j the token needs of activation_j * down[j]. Block b computes its candidate rows' activations
+// The whole FFN of one token over float rows, in one launch: y (d, out_type: fp32 0, fp16 1, bf16 2) = residual
+// (y's type, may be null) + the sum over the rows j the token needs of activation_j * down[j], rounded as the torch
+// add of the rounded sum would. Block b computes its candidate rows' activations
 // (one_token_activations), multiplies the nonzero ones by their down rows (each thread 8 columns, DOWN_LOADS rows'
 // loads in flight; short rows: several groups of threads take every groups-th row and add up in shared memory)
 // and adds its sums to acc (xpad fp32, zero between launches) with atomic vector adds; the last block to finish
 // (counted in *done) writes acc to y and zeroes acc and *done for the next launch. The order of the atomic
 // adds varies, so y may differ from run to run by fp32 rounding. Dynamic shared memory: max(xpad, 2048) floats
 // (x, then the groups' sums).
-#define DOWN_LOADS 4
+#define DOWN_LOADS 8
 template <int WT, int XT>
 __global__ void __launch_bounds__(256) ffn_one(
     const unsigned char* __restrict__ gate, const unsigned char* __restrict__ up, long long row_bytes,
     const unsigned char* __restrict__ down, long long down_row_bytes, const long long* __restrict__ neuron_idx,
     int m, const bool* __restrict__ active, const unsigned char* __restrict__ x, int d, int xpad, int act,
-    float threshold, float* __restrict__ acc, int* __restrict__ done, void* __restrict__ y, int out_type) {
+    float threshold, float* __restrict__ acc, int* __restrict__ done, void* __restrict__ y, int out_type,
+    const void* __restrict__ residual) {
   extern __shared__ float xs[];
   __shared__ int list_row[ROWS_PER_BLOCK], list_on[ROWS_PER_BLOCK], n_listed, n_down;
   __shared__ long long list_neuron[ROWS_PER_BLOCK];
@@ -497,11 +511,13 @@ __global__ void __launch_bounds__(256) ffn_one(
     __stcg(acc + c, 0.0f);
     if (c >= d) continue;
     if (out_type == 0) {
-      reinterpret_cast<float*>(y)[c] = s;
+      reinterpret_cast<float*>(y)[c] = residual ? s + reinterpret_cast<const float*>(residual)[c] : s;
     } else {
-      unsigned short b;
-      if (out_type == 1) asm("cvt.rn.f16.f32 %0, %1;" : "=h"(b) : "f"(s));
-      else asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(b) : "f"(s));
+      unsigned short b = to_half(s, out_type);
+      if (residual) {
+        const unsigned short r = reinterpret_cast<const unsigned short*>(residual)[c];
+        b = to_half(from_half(b, out_type) + from_half(r, out_type), out_type);
+      }
       reinterpret_cast<unsigned short*>(y)[c] = b;
     }
   }
@@ -654,14 +670,8 @@ __global__ void __launch_bounds__(256) down_partial(
 #pragma unroll 8
     for (int k = 0; k < (int)gridDim.y; ++k) sum += __ldcg(partial + ((long long)k * T + t) * d + cc);
     const long long o = (long long)t * d + cc;
-    if (out_type == 0) {
-      reinterpret_cast<float*>(y)[o] = sum;
-    } else {
-      unsigned short b;
-      if (out_type == 1) asm("cvt.rn.f16.f32 %0, %1;" : "=h"(b) : "f"(sum));
-      else asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(b) : "f"(sum));
-      reinterpret_cast<unsigned short*>(y)[o] = b;
-    }
+    if (out_type == 0) reinterpret_cast<float*>(y)[o] = sum;
+    else reinterpret_cast<unsigned short*>(y)[o] = to_half(sum, out_type);
   }
   if (threadIdx.x == 0) done[blockIdx.x] = 0;
 }

@@ -92,24 +92,33 @@ class HybridFeedForward(nn.Module):
             if gpu_rows is not None:
                 self.gpu_mask[gpu_rows.neuron_idx] = True
 
-    def forward(self, x, active=None):
+    def forward(self, x, active=None, residual=None):
+        """The FFN of x (..., d), plus residual (x's shape) if given."""
         shape = x.shape
         x, active = self.prepare(x, active)
-        if self.handoff is not None and self.handoff.engaged and x.shape[0] == 1:  # its host side counts hits
-            self.handoff.send(self.slot, x, active)
-            return self.handoff.receive(self.slot, self.gpu_part(x, active)).view(shape)
-        if self.counters is not None:
+        if self.counters is not None and not self.engaged(x):  # an engaged hand-off's host side counts hits
             self.counters.count(active, self.gpu_mask if self.cpu_rows is not None else None)
-        if not self.splits:
+        if not self.splits:  # one device: the kernels may add the residual as they write
             rows = self.gpu_rows if self.gpu_rows is not None else self.cpu_rows
-            return sparse_ffn(x, rows, active, self.act, self.threshold).view(shape)
-        if x.shape[0] >= STREAM_MIN_TOKENS:
-            return (self.gpu_part(x, active) + self.streamed_part(x, active)).view(shape)
-        self.send(x, active)
-        self.copied.record()
-        y = self.gpu_part(x, active)
-        self.cpu_part(x.shape[0])
-        return self.receive(y).view(shape)
+            res = residual.reshape(x.shape) if residual is not None else None
+            return sparse_ffn(x, rows, active, self.act, self.threshold, residual=res).view(shape)
+        if self.engaged(x):
+            self.handoff.send(self.slot, x, active)
+            y = self.handoff.receive(self.slot, self.gpu_part(x, active))
+        elif x.shape[0] >= STREAM_MIN_TOKENS:
+            y = self.gpu_part(x, active) + self.streamed_part(x, active)
+        else:
+            self.send(x, active)
+            self.copied.record()
+            y = self.gpu_part(x, active)
+            self.cpu_part(x.shape[0])
+            y = self.receive(y)
+        y = y.view(shape)
+        return y if residual is None else residual + y
+
+    def engaged(self, x) -> bool:
+        """Whether this call hands off through the decode step's kernels.Handoff (a one-token step in a graph)."""
+        return self.handoff is not None and self.handoff.engaged and x.shape[0] == 1
 
     def prepare(self, x, active):
         """(T, d) input and (T, n_ff) mask (all True without a predictor)."""

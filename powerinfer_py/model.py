@@ -188,11 +188,13 @@ class FeedForward(nn.Module):
     def activation(self, x):
         return ffn_activation(self.w_gate(x), self.w_up(x), self.act, self.threshold)
 
-    def forward(self, x, active=None):
+    def forward(self, x, active=None, residual=None):
+        """The FFN of x, plus residual if given (sparse FFN modules take the same call and fuse the add)."""
         h = self.activation(x)
         if active is not None:
             h = h.masked_fill(~active, 0)
-        return self.w_down(h)
+        y = self.w_down(h)
+        return y if residual is None else residual + y
 
 
 class Predictor(nn.Module):
@@ -235,7 +237,7 @@ class Block(nn.Module):
 
     def forward(self, x, cos, sin, input_pos, kv_len, mask=None):
         h, x_ffn, active = self.attend(x, cos, sin, input_pos, kv_len, mask)
-        return h + self.feed_forward(x_ffn, active)
+        return self.feed_forward(x_ffn, active, residual=h)  # h + FFN(x_ffn)
 
 
 class Transformer(nn.Module):

@@ -117,14 +117,20 @@ def test_deterministic(T):
 
 @pytest.mark.parametrize("weight_type", ["f32", "f16", "bf16"])
 @pytest.mark.parametrize("d", [300, 2056, 4096])  # thread groups sharing the rows; 2 passes, the second short
-def test_one_token_ffn_over_launches(weight_type, d):
+def test_one_token_ffn_over_launches(weight_type, d, monkeypatch):
     """ffn_one leaves its sums and counter zero: launch after launch, any density, each matches the reference."""
+    monkeypatch.setattr(cuda_backend, "ONE_LAUNCH_MAX_BYTES", 1 << 40)  # these rows, however large
     rows, (gate, up, down_t) = case(weight_type, m=1500, d=d)
     for act, threshold, density in [("relu", 0.0, 0.3), ("silu", 0.0, 0.0), ("drelu", 0.0, 1.0), ("relu", 0.3, 0.5)]:
         x, active = torch.randn(1, d, device="cuda"), random_mask(1, 2500, density).cuda()
         y = sparse_ffn(x, rows, active, act, threshold, out=torch.full((1, d), float("nan"), device="cuda"))
         ref = sparse_ffn_reference(x.double(), gate, up, down_t, rows.neuron_idx, active, act, threshold)
         assert (y == 0).all() if density == 0 else rel_err(y, ref) < 2e-6, (act, density)
+        for dtype in (torch.float32, torch.float16):  # the residual added as the torch add of the rounded sum
+            residual = (10 * torch.randn(1, d, device="cuda")).to(dtype)
+            got = sparse_ffn(x.to(dtype), rows, active, act, threshold, residual=residual)
+            want = residual + sparse_ffn(x.to(dtype), rows, active, act, threshold)
+            assert rel_err(got, want.double()) < (1e-6 if dtype == torch.float32 else 1e-3), dtype
 
 
 @pytest.mark.parametrize("weight_type", ["q8_0", "f16"])  # gate_up and down_partial; ffn_one

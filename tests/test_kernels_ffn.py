@@ -38,6 +38,17 @@ def test_bad_arguments_name_themselves(rows):
         sparse_gate_up(x, rows, active, full=True, out=torch.empty(2, 10))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_residual_is_added_as_torch_adds(rows, dtype):
+    x, active = torch.randn(2, 32).to(dtype), random_mask(2, 40, 0.5)
+    residual = (10 * torch.randn(2, 32)).to(dtype)
+    assert torch.equal(sparse_ffn(x, rows, active, residual=residual), residual + sparse_ffn(x, rows, active))
+    empty = FFNRows.pack(*(torch.empty(0, 32),) * 3, torch.empty(0, dtype=torch.int64), "cpu", "f32")
+    assert torch.equal(sparse_ffn(x, empty, active, residual=residual), residual)
+    with pytest.raises(TypeError, match="residual: expected dtype"):
+        sparse_ffn(x, rows, active, residual=residual.double())
+
+
 def test_empty_share_gives_zeros():
     empty = torch.empty(0, 32)
     rows = FFNRows.pack(empty, empty, empty, torch.empty(0, dtype=torch.int64), "cpu", "q8_0")
