@@ -4,7 +4,8 @@ For Llama-2-7B (d 4096, n_ff 11008) and 70B (8192, 28672) FFN shapes, at 5-50% a
 - GPU: time per sparse_ffn call (CUDA-graph replay, L2 flushed before every call and the flush's own time
   subtracted) and its bandwidth on the bytes it must move (active rows, x, y, mask, index, h), against a
   device-to-device copy measured in the same run; the dense cuBLAS products of the same matrices and the torch
-  gather-then-matmul reference beside it; a token sweep for the dense-GEMM switch.
+  gather-then-matmul reference beside it; a token sweep for the dense-GEMM switch, the down kernel's split sweep
+  and the one-launch sweep for the one-token FFN.
 - CPU: the CPU backend (its C kernels, and its torch path) against a plain read of the same number of bytes,
   the dense fp32 products and the gather-then-matmul reference, caches flushed before every call; f32 rows,
   or with --cpu-compare every weight type, the candidate kernels that lost, and a token sweep.
@@ -208,6 +209,25 @@ def down_split_sweep(timer, records):
                 records.append(dict(device="gpu", shape=shape, weight_type="f16", density=density, T=1,
                                     impl=f"down sweep: {blocks_per_sm} blocks per SM", us=t * 1e6))
     cuda_backend.DOWN_BLOCKS_PER_SM = default
+
+
+def one_launch_sweep(timer, records):
+    """sparse_ffn for one token (f16) in one launch (ffn_one) or two (gate_up_one, down_partial), from
+    relu-smollm2's FFN to 7B's hot rows: where cuda.ONE_LAUNCH_MAX_BYTES should lie."""
+    from . import cuda as cuda_backend
+    default = cuda_backend.ONE_LAUNCH_MAX_BYTES
+    for d, m, density in ((576, 1536, 0.34), (1024, 2000, 0.35), (2048, 5000, 0.4), (4096, 3700, 0.45),
+                          (4096, 7375, 0.45)):
+        rows = random_rows(d, m, "f16")
+        x = [torch.randn(1, d, device="cuda", dtype=torch.float16) for _ in range(ROWS_PER_CALL)]
+        out = torch.empty(1, d, device="cuda", dtype=torch.float16)
+        active = [random_mask(1, m, density).cuda() for _ in range(ROWS_PER_CALL)]
+        for impl, limit in (("one launch", 1 << 40), ("two launches", 0)):
+            cuda_backend.ONE_LAUNCH_MAX_BYTES = limit
+            t = timer.seconds(lambda i: sparse_ffn(x[i], rows, active[i], out=out))
+            records.append(dict(device="gpu", shape=f"{d}x{m}", weight_type="f16", density=density, T=1,
+                                impl=f"{impl} ({rows.nbytes / 2**20:.0f} MiB of rows)", us=t * 1e6))
+    cuda_backend.ONE_LAUNCH_MAX_BYTES = default
 
 
 def decode_bench(timer, copy_bw, records):
@@ -421,9 +441,9 @@ def main(argv=None):
     parser.add_argument("--cpu-compare", action="store_true",
                         help="every weight type on the CPU, the candidate kernels that lost, a CPU token sweep")
     parser.add_argument("--flush-mib", type=int, default=640, help="bytes read between CPU calls (over the L3)")
-    parser.add_argument("--gpu-sections", default="ffn,tokens,down,decode",
-                        help="comma-separated GPU parts: ffn (the sparse kernels), tokens and down (the sweeps), "
-                        "decode (kernels.decode)")
+    parser.add_argument("--gpu-sections", default="ffn,tokens,down,one,decode",
+                        help="comma-separated GPU parts: ffn (the sparse kernels), tokens, down and one (the "
+                        "sweeps), decode (kernels.decode)")
     parser.add_argument("--json", help="write the records here")
     args = parser.parse_args(argv)
     records, meta = [], dict(torch=torch.__version__, cpu_threads=torch.get_num_threads())
@@ -435,6 +455,7 @@ def main(argv=None):
         for name, run in (("ffn", lambda: gpu_bench(timer, meta["copy_GBs"] * 1e9, records)),
                           ("tokens", lambda: token_sweep(timer, records)),
                           ("down", lambda: down_split_sweep(timer, records)),
+                          ("one", lambda: one_launch_sweep(timer, records)),
                           ("decode", lambda: decode_bench(timer, meta["copy_GBs"] * 1e9, records))):
             if name in sections:
                 run()

@@ -28,9 +28,8 @@ DENSE_MIN_TOKENS = 4
 ONE_TOKEN_MAX_X = 12 << 10  # gate_up_one stages x in shared memory as fp32: at most 48 KB
 DONE_COUNTERS = 4096  # column blocks of 256: rows of up to 1M elements (16 KB; the ledger's small buffers)
 # ffn_one takes one-token steps over rows of at most this many bytes: a block's chain of dependent reads (list,
-# gate/up, down, the last block's write) beats two launches only while the rows are few (measured on an H200
-# with scratch timings, BENCHMARKS.md: d=576 m=1536 5 MB 8.5 against 10.4 us; d=1024 m=2000 12 MB 9.9 against
-# 9.6; 7B's hot rows 181 MB 40.7 against 33.5)
+# gate/up, down, the last block's write) beats two launches only while the rows are few (`python -m kernels.bench
+# --gpu-sections one`, BENCHMARKS.md)
 ONE_LAUNCH_MAX_BYTES = 8 << 20
 DOWN_BLOCKS_PER_SM = 2  # down_partial: row splits x column blocks ~ this many blocks per SM (kernels.bench sweeps it)
 
