@@ -30,7 +30,7 @@ DONE_COUNTERS = 4096  # column blocks of 256: rows of up to 1M elements (16 KB; 
 # ffn_one takes one-token steps over rows of at most this many bytes: a block's chain of dependent reads (list,
 # gate/up, down, the last block's write) beats two launches only while the rows are few (`python -m kernels.bench
 # --gpu-sections one`, BENCHMARKS.md)
-ONE_LAUNCH_MAX_BYTES = 8 << 20
+ONE_LAUNCH_MAX_BYTES = 64 << 20
 DOWN_BLOCKS_PER_SM = 2  # down_partial: row splits x column blocks ~ this many blocks per SM (kernels.bench sweeps it)
 
 
