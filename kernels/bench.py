@@ -31,7 +31,7 @@ from . import (
     sparse_gate_up,
 )
 from .cases import random_mask
-from .rows import FLOAT_DTYPES
+from .rows import FLOAT_DTYPES, stride_bytes
 
 SHAPES = {"7B": (4096, 11008), "70B": (8192, 28672)}
 DENSITIES = (0.05, 0.1, 0.2, 0.3, 0.5)
@@ -107,10 +107,6 @@ def random_rows(d, n_ff, weight_type, device="cuda"):
     return FFNRows(matrix(), matrix(), matrix(), torch.arange(n_ff, device=device), d, weight_type, n_ff)
 
 
-def _row_bytes(rows):
-    return rows.gate.stride(0) * rows.gate.element_size()
-
-
 def gpu_bench(timer, copy_bw, records):
     for shape, (d, n_ff) in SHAPES.items():
         for weight_type in ("f16", "bf16", "q8_0", "q4_0"):
@@ -122,7 +118,7 @@ def gpu_bench(timer, copy_bw, records):
                 n_active = statistics.mean(int(a.sum()) for a in active)
                 # down reads only the rows whose activation is nonzero (relu zeroes about half the active ones)
                 n_nonzero = statistics.mean(int((sparse_gate_up(xi, rows, a) != 0).sum()) for xi, a in zip(x, active))
-                weight_bytes = (2 * n_active + n_nonzero) * _row_bytes(rows)
+                weight_bytes = (2 * n_active + n_nonzero) * stride_bytes(rows.gate)
                 io_bytes = 2 * d * 2 + n_ff * (1 + 8 + 4 + 4)
                 t = timer.seconds(lambda i: sparse_ffn(x[i], rows, active[i], out=out[i]))
                 records.append(dict(device="gpu", shape=shape, weight_type=weight_type, density=density, T=1,
@@ -131,8 +127,8 @@ def gpu_bench(timer, copy_bw, records):
                 h = [torch.empty(1, n_ff, device="cuda") for _ in range(ROWS_PER_CALL)]
                 for impl, step, nbytes in (
                     ("sparse_gate_up only", lambda i: sparse_gate_up(x[i], rows, active[i], out=h[i]),
-                     2 * n_active * _row_bytes(rows)),
-                    ("sparse_down only", lambda i: sparse_down(h[i], rows, out=out[i]), n_nonzero * _row_bytes(rows)),
+                     2 * n_active * stride_bytes(rows.gate)),
+                    ("sparse_down only", lambda i: sparse_down(h[i], rows, out=out[i]), n_nonzero * stride_bytes(rows.gate)),
                 ):
                     t = timer.seconds(step)
                     records.append(dict(device="gpu", shape=shape, weight_type=weight_type, density=density,
@@ -314,7 +310,7 @@ def cpu_bench(records, flush_bytes, shapes, compare, weight_types=None):
         masks = {density: [random_mask(1, n_ff, density) for _ in range(5)] for density in DENSITIES}
         for weight_type in weight_types or (CPU_WEIGHT_TYPES if compare else ("f32",)):
             rows = random_rows(d, n_ff, weight_type, "cpu")
-            row_bytes = rows.gate.stride(0) * rows.gate.element_size()
+            row_bytes = stride_bytes(rows.gate)
             if weight_type == "f32":
                 dense = torch.randn(1, n_ff)
                 t = timer.seconds(lambda r: (x @ rows.gate.T, x @ rows.up.T, dense @ rows.down_t))

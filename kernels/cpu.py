@@ -26,7 +26,7 @@ from powerinfer_py.atomic import atomic_file
 from powerinfer_py.model import ffn_activation
 
 from .ffn import Backend
-from .rows import DTYPE_CODES, FFNRows
+from .rows import DTYPE_CODES, FFNRows, stride_bytes
 
 NATIVE_MAX_TOKENS = 8  # MAX_TOKENS in cpu_rows.c; measured: at 16 tokens the C kernels take 2x the dense product
 MIN_BYTES_PER_THREAD = 1 << 20  # of the share's rows: a small share takes fewer threads (each costs a wake-up)
@@ -84,7 +84,7 @@ class RowsDesc(ctypes.Structure):
 
     @classmethod
     def of(cls, rows: FFNRows) -> RowsDesc:
-        return cls(rows.gate.data_ptr(), rows.up.data_ptr(), rows.down_t.data_ptr(), _row_bytes(rows.gate),
+        return cls(rows.gate.data_ptr(), rows.up.data_ptr(), rows.down_t.data_ptr(), stride_bytes(rows.gate),
                    rows.neuron_idx.data_ptr(), rows.m)
 
 
@@ -113,13 +113,9 @@ class ColdStep:
                                   torch.get_num_threads()) == 0
 
 
-def _row_bytes(t: torch.Tensor) -> int:
-    return t.stride(0) * t.element_size()
-
-
 def _threads(t: torch.Tensor) -> int:
     """Threads for a kernel over the packed matrix t (torch's number, fewer for small matrices)."""
-    return max(1, min(torch.get_num_threads(), t.shape[0] * _row_bytes(t) // MIN_BYTES_PER_THREAD))
+    return max(1, min(torch.get_num_threads(), t.shape[0] * stride_bytes(t) // MIN_BYTES_PER_THREAD))
 
 
 class CpuBackend(Backend):
@@ -134,7 +130,7 @@ class CpuBackend(Backend):
         if self.lib is None or T > NATIVE_MAX_TOKENS:
             return self._gate_up_torch(x, rows, active, act, threshold, h, full)
         xf, active = x.float().contiguous(), active.contiguous()
-        self.lib.gate_up(rows.gate.data_ptr(), rows.up.data_ptr(), _row_bytes(rows.gate),
+        self.lib.gate_up(rows.gate.data_ptr(), rows.up.data_ptr(), stride_bytes(rows.gate),
                          WEIGHT_CODES[rows.weight_type], rows.neuron_idx.data_ptr(), rows.m, active.data_ptr(),
                          active.shape[1], xf.data_ptr(), rows.d, T, ACT_CODES[act], threshold, h.data_ptr(),
                          int(full), _threads(rows.gate))
@@ -145,7 +141,7 @@ class CpuBackend(Backend):
         if self.lib is None or T > NATIVE_MAX_TOKENS:
             return super().ffn(x, rows, active, act, threshold, y)
         xf, active = x.float().contiguous(), active.contiguous()
-        self.lib.ffn(rows.gate.data_ptr(), rows.up.data_ptr(), rows.down_t.data_ptr(), _row_bytes(rows.gate),
+        self.lib.ffn(rows.gate.data_ptr(), rows.up.data_ptr(), rows.down_t.data_ptr(), stride_bytes(rows.gate),
                      WEIGHT_CODES[rows.weight_type], rows.neuron_idx.data_ptr(), rows.m, active.data_ptr(),
                      active.shape[1], xf.data_ptr(), rows.d, T, ACT_CODES[act], threshold, y.data_ptr(),
                      DTYPE_CODES[y.dtype], _threads(rows.gate))
@@ -157,7 +153,7 @@ class CpuBackend(Backend):
             return self._down_torch(h, rows, y)
         h = h.contiguous()
         out = y if y.dtype == torch.float32 else torch.empty(y.shape)
-        self.lib.down(rows.down_t.data_ptr(), _row_bytes(rows.down_t), WEIGHT_CODES[rows.weight_type], rows.m,
+        self.lib.down(rows.down_t.data_ptr(), stride_bytes(rows.down_t), WEIGHT_CODES[rows.weight_type], rows.m,
                       rows.d, h.data_ptr(), T, out.data_ptr(), _threads(rows.down_t))
         if out is not y:
             y.copy_(out)

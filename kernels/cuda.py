@@ -13,7 +13,7 @@ import torch
 from powerinfer_py.model import ffn_activation
 
 from .ffn import Backend
-from .rows import DTYPE_CODES, FLOAT_DTYPES, FFNRows
+from .rows import DTYPE_CODES, FLOAT_DTYPES, FFNRows, stride_bytes
 
 WEIGHT_CODES = {"f32": 0, "f16": 1, "bf16": 2, "q8_0": 3, "q4_0": 4}
 ACT_CODES = {"relu": 0, "drelu": 1, "silu": 2}
@@ -87,19 +87,24 @@ def _tile(T: int) -> int:
     return next(tt for tt in TOKEN_TILES if tt >= T)
 
 
+def _xpad(rows: FFNRows) -> int:
+    """The row length the kernels read: d padded to a multiple of 8 elements (rows.py pads rows so)."""
+    return -(-rows.d // 8) * 8
+
+
 def _kernel_x(x: torch.Tensor, rows: FFNRows) -> torch.Tensor:
     """x as gate_up reads it (8 elements at a time, in 16-byte loads): x itself when it is contiguous, d a
     multiple of 8 and 16-byte aligned (the kernels convert it in registers); else a zero-padded fp32 copy."""
     if x.is_contiguous() and rows.d % 8 == 0 and x.data_ptr() % 16 == 0:
         return x
-    xf = x.new_zeros((x.shape[0], -(-rows.d // 8) * 8), dtype=torch.float32)
+    xf = x.new_zeros((x.shape[0], _xpad(rows)), dtype=torch.float32)
     xf[:, : rows.d] = x
     return xf
 
 
 def _one_token(x: torch.Tensor, rows: FFNRows) -> bool:
     """Whether a call takes the one-token kernels (whole float rows per warp, x staged in shared memory)."""
-    return x.shape[0] == 1 and rows.weight_type in FLOAT_DTYPES and -(-rows.d // 8) * 8 <= ONE_TOKEN_MAX_X
+    return x.shape[0] == 1 and rows.weight_type in FLOAT_DTYPES and _xpad(rows) <= ONE_TOKEN_MAX_X
 
 
 class CudaBackend(Backend):
@@ -111,12 +116,12 @@ class CudaBackend(Backend):
         if not _one_token(x, rows) or rows.nbytes > ONE_LAUNCH_MAX_BYTES:
             return super().ffn(x, rows, active, act, threshold, y)
         xk, active = _kernel_x(x, rows), active.contiguous()
-        xpad = -(-rows.d // 8) * 8
+        xpad = _xpad(rows)
         sums = _ffn_sums(x.device, xpad)
         kernel = _module(rows.weight_type).get_function(
             f"ffn_one<{WEIGHT_CODES[rows.weight_type]},{DTYPE_CODES[xk.dtype]}>")
-        args = (ptr(rows.gate), ptr(rows.up), np.int64(rows.gate.stride(0) * rows.gate.element_size()),
-                ptr(rows.down_t), np.int64(rows.down_t.stride(0) * rows.down_t.element_size()), ptr(rows.neuron_idx),
+        args = (ptr(rows.gate), ptr(rows.up), np.int64(stride_bytes(rows.gate)),
+                ptr(rows.down_t), np.int64(stride_bytes(rows.down_t)), ptr(rows.neuron_idx),
                 np.int32(rows.m), ptr(active), ptr(xk), np.int32(rows.d), np.int32(xpad), np.int32(ACT_CODES[act]),
                 np.float32(threshold), ptr(sums), ptr(sums[xpad:].view(torch.int32)), ptr(y),
                 np.int32(DTYPE_CODES[y.dtype]), np.uint64(0) if residual is None else ptr(residual))
@@ -130,10 +135,10 @@ class CudaBackend(Backend):
             return self._gate_up_dense(x, rows, active, act, threshold, h, full)
         xk, active = _kernel_x(x, rows), active.contiguous()
         mod, wt = _module(rows.weight_type), WEIGHT_CODES[rows.weight_type]
-        xpad = -(-rows.d // 8) * 8
+        xpad = _xpad(rows)
         if _one_token(x, rows):
             kernel = mod.get_function(f"gate_up_one<{wt},{DTYPE_CODES[xk.dtype]}>")
-            args = (ptr(rows.gate), ptr(rows.up), np.int64(rows.gate.stride(0) * rows.gate.element_size()),
+            args = (ptr(rows.gate), ptr(rows.up), np.int64(stride_bytes(rows.gate)),
                     ptr(rows.neuron_idx), np.int32(rows.m), ptr(active), ptr(xk), np.int32(rows.d), np.int32(xpad),
                     np.int32(ACT_CODES[act]), np.float32(threshold), ptr(h), np.int32(full))
             launch(kernel, (-(-rows.m // ROWS_PER_BLOCK),), args, x.device, 4 * xpad)
@@ -144,9 +149,9 @@ class CudaBackend(Backend):
             n = min(T - t0, max_tile)
             tile = _tile(n)
             kernel = mod.get_function(f"gate_up<{wt},{DTYPE_CODES[xk.dtype]},{tile}>")
-            args = (ptr(rows.gate), ptr(rows.up), np.int64(rows.gate.stride(0) * rows.gate.element_size()),
+            args = (ptr(rows.gate), ptr(rows.up), np.int64(stride_bytes(rows.gate)),
                     ptr(rows.neuron_idx), np.int32(rows.m), ptr(active[t0]), np.int64(active.shape[1]),
-                    ptr(xk[t0]), np.int64(xk.stride(0) * xk.element_size()), np.int32(rows.d), np.int32(n),
+                    ptr(xk[t0]), np.int64(stride_bytes(xk)), np.int32(rows.d), np.int32(n),
                     np.int32(ACT_CODES[act]), np.float32(threshold), ptr(h[t0]), np.int32(full))
             launch(kernel, (-(-rows.m // ROWS_PER_BLOCK),), args, x.device, smem_per_token * tile)
 
@@ -167,7 +172,7 @@ class CudaBackend(Backend):
             n = min(T - t0, TOKEN_TILES[-1])
             partial = torch.empty((splits, n, rows.d), dtype=torch.float32, device=h.device)
             kernel = mod.get_function(f"down_partial<{wt},{_tile(n)}>")
-            args = (ptr(rows.down_t), np.int64(rows.down_t.stride(0) * rows.down_t.element_size()),
+            args = (ptr(rows.down_t), np.int64(stride_bytes(rows.down_t)),
                     np.int32(rows.m), np.int32(rows.d), ptr(h[t0]), np.int32(n), np.int32(rows_per_split),
                     ptr(partial), ptr(done), ptr(y[t0]), np.int32(DTYPE_CODES[y.dtype]))
             launch(kernel, (col_blocks, splits), args, h.device)

@@ -24,6 +24,11 @@ def _round_up(n: int, k: int) -> int:
     return -(-n // k) * k
 
 
+def stride_bytes(t: torch.Tensor) -> int:
+    """Bytes from one row of a packed matrix (or of x) to the next, as the kernels take them."""
+    return t.stride(0) * t.element_size()
+
+
 def row_bytes(d: int, weight_type: str) -> int:
     """Bytes of one packed row of d elements."""
     if weight_type in FLOAT_DTYPES:
