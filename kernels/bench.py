@@ -190,20 +190,23 @@ def token_sweep(timer, records):
 
 
 def down_split_sweep(timer, records):
-    """sparse_down (f16) with more or fewer row splits: cuda.DOWN_BLOCKS_PER_SM."""
+    """sparse_down (f16, one token) with more or fewer row splits (cuda.DOWN_BLOCKS_PER_SM), over whole layers
+    and 7B's hot rows at 11.29 GiB (7375 rows)."""
     from . import cuda as cuda_backend
     default = cuda_backend.DOWN_BLOCKS_PER_SM
-    for shape, (d, n_ff) in SHAPES.items():
+    for shape, (d, n_ff) in dict(SHAPES, **{"7B hot rows": (4096, 7375)}).items():
         rows = random_rows(d, n_ff, "f16")
         out = torch.empty(1, d, device="cuda", dtype=torch.float16)
-        for density in (0.05, 0.1, 0.5):
-            h = [torch.randn(1, n_ff, device="cuda") * (torch.rand(1, n_ff, device="cuda") < density / 2)
-                 for _ in range(ROWS_PER_CALL)]  # relu zeroes about half the active rows
+        for density in (0.05, 0.1, 0.25, 0.5):
+            h = [torch.randn(1, n_ff, device="cuda") * (torch.rand(1, n_ff, device="cuda") < density)
+                 for _ in range(ROWS_PER_CALL)]
+            nbytes = density * n_ff * stride_bytes(rows.down_t)
             for blocks_per_sm in (1, 2, 4, 8):
                 cuda_backend.DOWN_BLOCKS_PER_SM = blocks_per_sm
                 t = timer.seconds(lambda i: sparse_down(h[i], rows, out=out))
                 records.append(dict(device="gpu", shape=shape, weight_type="f16", density=density, T=1,
-                                    impl=f"down sweep: {blocks_per_sm} blocks per SM", us=t * 1e6))
+                                    impl=f"down sweep: {blocks_per_sm} blocks per SM", us=t * 1e6, bytes=nbytes,
+                                    GBs=nbytes / t / 1e9))
     cuda_backend.DOWN_BLOCKS_PER_SM = default
 
 

@@ -1,8 +1,11 @@
-"""CUDA backend: the kernels of sparse_ffn.cu launched through CuPy on torch's current stream, zero-copy on
-torch tensors, with no host synchronisation (so a decode step can be captured in a CUDA graph).
+"""CUDA backend: the kernels of sparse_ffn.cu compiled by CuPy and launched on torch's current stream, zero-copy
+on torch tensors, with no host synchronisation (so a decode step can be captured in a CUDA graph). `launch`
+serves every kernel of the package: through the driver's cuLaunchKernelEx, so that on sm_90+ each kernel may
+start while the one before it finishes (programmatic dependent launch; common.cuh says how the kernels wait).
 Importing this module imports CuPy; the registry imports it only for CUDA devices."""
 from __future__ import annotations
 
+import ctypes
 import functools
 from pathlib import Path
 
@@ -34,6 +37,14 @@ ONE_LAUNCH_MAX_BYTES = 64 << 20
 DOWN_BLOCKS_PER_SM = 2  # down_partial: row splits x column blocks ~ this many blocks per SM (kernels.bench sweeps it)
 
 
+def compile_module(filename: str, names=()) -> cupy.RawModule:
+    """A .cu file of this package behind common.cuh, compiled by NVRTC for the current device (CuPy caches the
+    binary); names: the template instances to compile."""
+    here = Path(__file__).parent
+    src = (here / "common.cuh").read_text() + (here / filename).read_text()
+    return cupy.RawModule(code=src, options=("-std=c++17",), name_expressions=list(names) or None)
+
+
 @functools.cache
 def _module(weight_type: str) -> cupy.RawModule:
     wt = WEIGHT_CODES[weight_type]
@@ -41,8 +52,7 @@ def _module(weight_type: str) -> cupy.RawModule:
     names += [f"down_partial<{wt},{tt}>" for tt in TOKEN_TILES]
     if weight_type in FLOAT_DTYPES:
         names += [f"{k}<{wt},{xt}>" for k in ("gate_up_one", "ffn_one") for xt in DTYPE_CODES.values()]
-    src = Path(__file__).with_name("sparse_ffn.cu").read_text()
-    return cupy.RawModule(code=src, options=("-std=c++17",), name_expressions=names)
+    return compile_module("sparse_ffn.cu", names)
 
 
 @functools.cache
@@ -69,18 +79,58 @@ def ptr(t: torch.Tensor) -> np.uint64:
     return np.uint64(t.data_ptr())
 
 
-@functools.lru_cache(maxsize=64)
-def _cupy_stream(handle: int, device_index: int):
-    """CuPy's view of a torch stream, made once per stream."""
-    return cupy.cuda.ExternalStream(handle, device_index)
+class _LaunchAttribute(ctypes.Structure):  # the driver's CUlaunchAttribute
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_int), ("value", ctypes.c_int * 16)]
+
+
+class _LaunchConfig(ctypes.Structure):  # the driver's CUlaunchConfig
+    _fields_ = [("grid", ctypes.c_uint * 3), ("block", ctypes.c_uint * 3), ("shared_mem", ctypes.c_uint),
+                ("stream", ctypes.c_void_p), ("attrs", ctypes.POINTER(_LaunchAttribute)), ("num_attrs", ctypes.c_uint)]
+
+
+PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+_ARG_TYPES = {np.dtype(np.uint64): ctypes.c_uint64, np.dtype(np.int64): ctypes.c_int64,
+              np.dtype(np.int32): ctypes.c_int32, np.dtype(np.float32): ctypes.c_float}
+
+
+@functools.cache
+def _launch_kernel_ex():
+    driver = ctypes.CDLL("libcuda.so.1")
+    fn = driver.cuLaunchKernelEx
+    fn.argtypes = (ctypes.POINTER(_LaunchConfig), ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p)
+    fn.restype = ctypes.c_int
+    return fn
+
+
+@functools.cache
+def programmatic_launch(index: int) -> bool:
+    """Whether kernels on device `index` launch as programmatic dependents (sm_90+)."""
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
+@functools.cache
+def _launch_attributes(index: int):
+    attrs = (_LaunchAttribute * 1)()
+    attrs[0].id = PROGRAMMATIC_STREAM_SERIALIZATION
+    attrs[0].value[0] = 1
+    return attrs, int(programmatic_launch(index))
 
 
 def launch(kernel, grid, args, device: torch.device, shared_mem: int = 0, block: int = THREADS):
-    """Launch a CuPy kernel on torch's current stream of `device` (so it is ordered with torch's work and can be
-    captured in torch's CUDA graphs)."""
+    """Launch a CuPy kernel (args: numpy scalars, as CuPy takes them) on torch's current stream of `device`, so
+    it is ordered with torch's work and can be captured in torch's CUDA graphs, as a programmatic dependent
+    where the device has them."""
     index = device.index if device.index is not None else torch.cuda.current_device()
-    with cupy.cuda.Device(index), _cupy_stream(torch.cuda.current_stream(device).cuda_stream, index):
-        kernel(grid, (block,), args, shared_mem=shared_mem)
+    grid = tuple(grid) + (1,) * (3 - len(grid))
+    values = [_ARG_TYPES[a.dtype](a) for a in args]
+    params = (ctypes.c_void_p * max(1, len(values)))(*(ctypes.addressof(v) for v in values))
+    attrs, n_attrs = _launch_attributes(index)
+    config = _LaunchConfig((ctypes.c_uint * 3)(*grid), (ctypes.c_uint * 3)(block, 1, 1), shared_mem,
+                           torch.cuda.current_stream(device).cuda_stream, attrs, n_attrs)
+    with cupy.cuda.Device(index):
+        error = _launch_kernel_ex()(ctypes.byref(config), kernel.kernel.ptr, params, None)
+    if error:
+        raise RuntimeError(f"cuLaunchKernelEx: CUDA error {error} launching {kernel.name}")
 
 
 def _tile(T: int) -> int:

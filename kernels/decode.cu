@@ -109,10 +109,13 @@ __device__ __forceinline__ void load_row_vectors(const uint4* row, int i, int st
     v[u] = i + stride * u < nvec ? __ldcs(row + i + stride * u) : make_uint4(0, 0, 0, 0);
 }
 
-// y = W x for one token: W (n, k) row-major, k a multiple of 8, rows 16-byte aligned. A block is 8 warps and
-// takes 8 / WPR rows, WPR warps a row (several for short, wide matrices, so that enough loads are in flight);
-// each lane issues GEMV_LOADS 16-byte loads at once, then adds; the row's warps add their sums in order. The
-// first loads go out before x is staged in shared memory (they do not depend on it).
+// y = W x for one token: W (n, k) row-major, k a multiple of 8, rows 16-byte aligned. A warp group of WPR warps
+// (several for short, wide matrices, so that enough loads are in flight) takes rows g, g + groups, ... where the
+// grid (at most as many blocks as fit the GPU at once) holds `groups` of them, 8 / WPR a block; each lane loads
+// GEMV_LOADS 16-byte vectors at a time and issues the next ones (further along the row, or the next row) before
+// it adds up the current ones, so a warp always has loads in flight; a row's warps add their sums in order.
+// The first loads go out before the kernel waits for the previous one and stages x in shared memory (they do
+// not depend on it).
 // Epilogue: STORE y, RELU relu(y) (both in the dtype), AT_LEAST a bool mask y >= threshold of y rounded to the
 // dtype (as the torch ops compare). NORM_X: x is first replaced by RMSNorm(x) with weight norm_w, rounded as
 // rms_norm rounds (each block computes it: it saves a launch); NORM_OUT: the product takes x itself and block 0
@@ -128,11 +131,15 @@ __global__ void __launch_bounds__(256) gemv(const unsigned short* __restrict__ w
   extern __shared__ uint4 xs[];
   __shared__ float sums[8];
   const int nvec = k / 8, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const int row = blockIdx.x * (8 / WPR) + warp / WPR, stride = 32 * WPR;
-  const uint4* wr = reinterpret_cast<const uint4*>(w) + (size_t)row * nvec;
-  int i = (warp % WPR) * 32 + lane;
-  uint4 wv[GEMV_LOADS];
-  if (row < n) load_row_vectors(wr, i, stride, nvec, wv);
+  const int per_block = 8 / WPR, stride = 32 * WPR, first = (warp % WPR) * 32 + lane;
+  const int step = gridDim.x * per_block;  // from one of a group's rows to its next
+  const int rounds = (n - (int)blockIdx.x * per_block + step - 1) / step;  // the same for the block's warps
+  const uint4* wv = reinterpret_cast<const uint4*>(w);
+  int row = blockIdx.x * per_block + warp / WPR, i = first;
+  uint4 cur[GEMV_LOADS], next[GEMV_LOADS];
+  pdl_launch_next();
+  if (row < n) load_row_vectors(wv + (size_t)row * nvec, i, stride, nvec, cur);
+  pdl_wait();  // the weight loads above overlap the previous kernel's end
   for (int v = threadIdx.x; v < nvec; v += blockDim.x) xs[v] = __ldg(reinterpret_cast<const uint4*>(x) + v);
   __syncthreads();
   if (NORM == NORM_X) {
@@ -141,30 +148,40 @@ __global__ void __launch_bounds__(256) gemv(const unsigned short* __restrict__ w
   } else if (NORM == NORM_OUT && blockIdx.x == 0) {
     rms_normalize<DT>(xs, nvec, k, norm_w, eps, reinterpret_cast<uint4*>(norm_out));
   }
-  float acc = 0.f;
-  if (row < n) {
-    while (true) {
+  for (int r = 0; r < rounds; ++r, row += step) {
+    float acc = 0.f;
+    bool row_done = false;
+    while (!row_done) {
+      int i_next = i + stride * GEMV_LOADS, row_next = row;
+      row_done = i_next >= nvec;
+      if (row_done) {
+        i_next = first;
+        row_next = row + step;
+      }
+      if (row_next < n) load_row_vectors(wv + (size_t)row_next * nvec, i_next, stride, nvec, next);
+      if (row < n) {
 #pragma unroll
-      for (int u = 0; u < GEMV_LOADS; ++u)
-        if (i + stride * u < nvec) acc += dot8<DT>(wv[u], xs[i + stride * u]);
-      i += stride * GEMV_LOADS;
-      if (i >= nvec) break;
-      load_row_vectors(wr, i, stride, nvec, wv);
+        for (int u = 0; u < GEMV_LOADS; ++u)
+          if (i + stride * u < nvec) acc += dot8<DT>(cur[u], xs[i + stride * u]);
+      }
+#pragma unroll
+      for (int u = 0; u < GEMV_LOADS; ++u) cur[u] = next[u];
+      i = i_next;
     }
+    acc = warp_sum(acc);
+    if (WPR > 1) {
+      if (lane == 0) sums[warp] = acc;
+      __syncthreads();
+      acc = 0.f;
+      for (int s = 0; s < WPR; ++s) acc += sums[warp - warp % WPR + s];
+      __syncthreads();  // sums is written again for the next row
+    }
+    if (lane || warp % WPR || row >= n) continue;
+    if (EPI == AT_LEAST) reinterpret_cast<bool*>(out)[row] = round_f<DT>(acc) >= threshold;
+    else if (EPI == RELU) reinterpret_cast<unsigned short*>(out)[row] = from_f<DT>(fmaxf(acc, 0.f));
+    else reinterpret_cast<unsigned short*>(out)[row] =
+        from_f<DT>(residual ? round_f<DT>(acc) + to_f<DT>(residual[row]) : acc);
   }
-  acc = warp_sum(acc);
-  if (WPR > 1) {
-    if (lane == 0) sums[warp] = acc;
-    __syncthreads();
-    if (warp % WPR || lane) return;
-    acc = 0.f;
-    for (int s = 0; s < WPR; ++s) acc += sums[warp + s];
-  }
-  if (lane || row >= n) return;
-  if (EPI == AT_LEAST) reinterpret_cast<bool*>(out)[row] = round_f<DT>(acc) >= threshold;
-  else if (EPI == RELU) reinterpret_cast<unsigned short*>(out)[row] = from_f<DT>(fmaxf(acc, 0.f));
-  else reinterpret_cast<unsigned short*>(out)[row] =
-      from_f<DT>(residual ? round_f<DT>(acc) + to_f<DT>(residual[row]) : acc);
 }
 
 // One block per row of x (rows, d): out = round(round(x * rsqrt(mean(x^2) + eps)) * weight), as
@@ -174,6 +191,7 @@ template <int DT>
 __global__ void rms_norm(const unsigned short* __restrict__ x, const unsigned short* __restrict__ weight, int d,
                          float eps, unsigned short* __restrict__ out) {
   extern __shared__ uint4 xs[];
+  pdl_start();
   const int nvec = d / 8;
   const uint4* xr = reinterpret_cast<const uint4*>(x + (size_t)blockIdx.x * d);
   for (int i = threadIdx.x; i < nvec; i += blockDim.x) xs[i] = __ldg(xr + i);
@@ -190,6 +208,7 @@ __global__ void rope_kv(const unsigned short* __restrict__ qkv, const unsigned s
                         const unsigned short* __restrict__ sin, const long long* __restrict__ pos, int n_heads,
                         int n_kv, int hd, int max_len, unsigned short* __restrict__ q_out,
                         unsigned short* __restrict__ k_cache, unsigned short* __restrict__ v_cache) {
+  pdl_start();
   const int head = blockIdx.x, i = threadIdx.x;
   const long long p = *pos;
   const unsigned short* src = qkv + (size_t)head * hd;
@@ -206,10 +225,13 @@ __global__ void rope_kv(const unsigned short* __restrict__ qkv, const unsigned s
 // Attention of one query token over cache positions 0..*pos (keys at or before the query), for q (n_heads, hd)
 // and caches (n_kv, max_len, hd) (grouped-query heads share a kv head); hd = 8 G with G dividing 32. Grid
 // (n_heads, splits): block (h, s) takes keys [s * chunk, (s + 1) * chunk): its threads form groups of G, each
-// thread 8 elements of a key (one 16-byte load), each group a key at a time, 4 keys per group in flight. It
-// leaves its max score, sum of exponentials and exponential-weighted sum of values in partial (n_heads, splits,
-// hd + 2); the head's last block to finish (counted in counters[h], which it sets back to 0) combines them in
-// split order into out (n_heads, hd). Dynamic shared memory: chunk + (blockDim / G) * hd floats.
+// thread 8 elements of a key (one 16-byte load), each group a key at a time, ATT_UNROLL keys per group in
+// flight, their values loaded with them (one pass: each group keeps a running max, sum of exponentials and
+// weighted sum of values, rescaled as the max grows; the groups are then combined). A head's only block (keys
+// up to one chunk) writes out itself; otherwise each leaves its max score, sum of exponentials and
+// exponential-weighted sum of values in partial (n_heads, splits, hd + 2), and the head's last block to finish
+// (counted in counters[h], which it sets back to 0) combines them in split order into out (n_heads, hd).
+// Dynamic shared memory: (blockDim / G) * (hd + 2) floats.
 #define ATT_UNROLL 4
 template <int DT>
 __global__ void decode_attention(const unsigned short* __restrict__ q, const unsigned short* __restrict__ k_cache,
@@ -219,13 +241,15 @@ __global__ void decode_attention(const unsigned short* __restrict__ q, const uns
                                  unsigned short* __restrict__ out) {
   extern __shared__ float smem[];
   __shared__ bool last;
+  pdl_start();
   const int h = blockIdx.x, s = blockIdx.y, splits = gridDim.y;
   const int n_keys = (int)*pos + 1;
   const int used = (n_keys + chunk - 1) / chunk;
   if (s >= used) return;
   const int G = hd / 8, groups = blockDim.x / G, grp = threadIdx.x / G, part = threadIdx.x % G;
-  float* scores = smem;         // chunk: the scores, then their exponentials
-  float* sums = smem + chunk;   // groups x hd: each group's weighted values
+  float* sums = smem;                 // groups x hd: each group's weighted values
+  float* group_max = smem + groups * hd;
+  float* group_sum = group_max + groups;
   const int start = s * chunk, n = min(chunk, n_keys - start);
   const size_t first = ((size_t)(h / (n_heads / n_kv)) * max_len + start) * G + part;  // in 16-byte vectors
   const uint4* kr = reinterpret_cast<const uint4*>(k_cache) + first;
@@ -234,12 +258,14 @@ __global__ void decode_attention(const unsigned short* __restrict__ q, const uns
   unpack8<DT>(__ldg(reinterpret_cast<const uint4*>(q + (size_t)h * hd) + part), qv);
 #pragma unroll
   for (int e = 0; e < 8; ++e) qv[e] *= scale;
+  float m = NEG_INF, l = 0.f, acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
   for (int base = 0; base < n; base += groups * ATT_UNROLL) {  // the same trips for every thread (shuffles)
-    uint4 kv[ATT_UNROLL];
+    uint4 kv[ATT_UNROLL], vv[ATT_UNROLL];
 #pragma unroll
     for (int u = 0; u < ATT_UNROLL; ++u) {
       const int j = base + u * groups + grp;
       kv[u] = j < n ? __ldg(kr + (size_t)j * G) : make_uint4(0, 0, 0, 0);
+      vv[u] = j < n ? __ldg(vr + (size_t)j * G) : make_uint4(0, 0, 0, 0);
     }
 #pragma unroll
     for (int u = 0; u < ATT_UNROLL; ++u) {
@@ -248,50 +274,39 @@ __global__ void decode_attention(const unsigned short* __restrict__ q, const uns
 #pragma unroll
       for (int e = 0; e < 8; ++e) d = fmaf(qv[e], kf[e], d);
       for (int off = G / 2; off; off >>= 1) d += __shfl_xor_sync(FULL_MASK, d, off);
-      const int j = base + u * groups + grp;
-      if (part == 0 && j < n) scores[j] = d;
-    }
-  }
-  __syncthreads();
-  float m = NEG_INF;
-  for (int j = 0; j < n; ++j) m = fmaxf(m, scores[j]);
-  __syncthreads();
-  for (int j = threadIdx.x; j < n; j += blockDim.x) scores[j] = __expf(scores[j] - m);
-  __syncthreads();
-  float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-  for (int base = grp; base < n; base += groups * ATT_UNROLL) {
-    uint4 vv[ATT_UNROLL];
-#pragma unroll
-    for (int u = 0; u < ATT_UNROLL; ++u) {
-      const int j = base + u * groups;
-      vv[u] = j < n ? __ldg(vr + (size_t)j * G) : make_uint4(0, 0, 0, 0);
-    }
-#pragma unroll
-    for (int u = 0; u < ATT_UNROLL; ++u) {
-      const int j = base + u * groups;
-      if (j < n) {
+      if (base + u * groups + grp < n) {  // the group's threads all hold the score d
+        const float m_new = fmaxf(m, d), rescale = __expf(m - m_new), p = __expf(d - m_new);
         float vf[8];
         unpack8<DT>(vv[u], vf);
-        const float p = scores[j];
+        l = l * rescale + p;
 #pragma unroll
-        for (int e = 0; e < 8; ++e) acc[e] = fmaf(p, vf[e], acc[e]);
+        for (int e = 0; e < 8; ++e) acc[e] = fmaf(p, vf[e], acc[e] * rescale);
+        m = m_new;
       }
     }
   }
 #pragma unroll
   for (int e = 0; e < 8; ++e) sums[grp * hd + part * 8 + e] = acc[e];
+  if (part == 0) {
+    group_max[grp] = m;
+    group_sum[grp] = l;
+  }
   __syncthreads();
+  float m_block = NEG_INF, l_block = 0.f;
+  for (int g = 0; g < groups; ++g) m_block = fmaxf(m_block, group_max[g]);
+  for (int g = 0; g < groups; ++g) l_block += group_sum[g] * __expf(group_max[g] - m_block);  // 0 for no keys
+  const bool alone = used == 1;  // the head's only block writes out itself
   float* mine = partial + ((size_t)h * splits + s) * (hd + 2);
   for (int i = threadIdx.x; i < hd; i += blockDim.x) {
     float a = 0.f;
-    for (int g = 0; g < groups; ++g) a += sums[g * hd + i];
-    mine[i] = a;
+    for (int g = 0; g < groups; ++g) a += sums[g * hd + i] * __expf(group_max[g] - m_block);
+    if (alone) out[(size_t)h * hd + i] = from_f<DT>(a / l_block);
+    else mine[i] = a;
   }
+  if (alone) return;
   if (threadIdx.x == 0) {
-    float l = 0.f;
-    for (int j = 0; j < n; ++j) l += scores[j];
-    mine[hd] = m;
-    mine[hd + 1] = l;
+    mine[hd] = m_block;
+    mine[hd + 1] = l_block;
   }
   __threadfence();
   __syncthreads();

@@ -14,7 +14,6 @@ model's own torch code, which is also what the tests compare the kernels with. C
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -32,11 +31,12 @@ NORMS = {None: 0, "x": 1, "out": 2}  # decode.cu's NO_NORM, NORM_X, NORM_OUT
 GEMV_VARIANTS = [(e, 0) for e in EPILOGUES.values()] + [(EPILOGUES["store"], 1), (EPILOGUES["relu"], 2)]
 GEMV_WARPS_PER_ROW = (1, 2, 4, 8)  # compiled for; the fewest that still give every SM a few blocks
 GEMV_MAX_K = 16 << 10  # x is staged in shared memory: 2 bytes an element, 32 KB
+GEMV_BLOCKS_PER_SM = 2  # gemv's grid at most (its blocks loop over the rows); 2 of 256 threads fit an SM
 NORM_THREADS = 512
-ATTENTION_THREADS = 128
+ATTENTION_THREADS = 512  # 128 keys of 128 elements in flight a block (4 a group of 16 threads)
 ATTENTION_HEAD_DIMS = (8, 16, 32, 64, 128, 256)  # 8 elements a thread, a key's threads within one warp
 ATTENTION_MAX_SPLITS = 32  # key splits per head at most; each leaves hd + 2 fp32 values
-ATTENTION_MIN_CHUNK = 32  # keys per split at least
+ATTENTION_MIN_CHUNK = 128  # keys per split at least: a short context takes one block a head, no combining
 
 
 def attention_workspace_bytes(n_heads: int, head_dim: int) -> int:
@@ -46,14 +46,13 @@ def attention_workspace_bytes(n_heads: int, head_dim: int) -> int:
 
 @functools.cache
 def _module():
-    import cupy
+    from .cuda import compile_module
 
     names = [f"gemv<{dt},{e},{w},{norm}>" for dt in map(DTYPE_CODES.get, HALF_DTYPES) for e, norm in GEMV_VARIANTS
              for w in GEMV_WARPS_PER_ROW]
     names += [f"{k}<{dt}>" for k in ("rms_norm", "rope_kv", "decode_attention")
               for dt in map(DTYPE_CODES.get, HALF_DTYPES)]
-    src = Path(__file__).with_name("decode.cu").read_text()
-    return cupy.RawModule(code=src, options=("-std=c++17",), name_expressions=names)
+    return compile_module("decode.cu", names)
 
 
 def _launch(name: str, grid, block: int, args, device, shared_mem: int = 0):
@@ -81,10 +80,12 @@ def gemv(weight: torch.Tensor, x: torch.Tensor, epilogue: str = "store", thresho
     n, k = weight.shape
     out = torch.empty(n, dtype=torch.bool if epilogue == "at_least" else x.dtype, device=x.device)
     normed = torch.empty_like(x) if side_norm is not None else None
-    wpr = next(w for w in GEMV_WARPS_PER_ROW if w == 8 or n * w // 8 >= 2 * sm_count(x.device.index))
+    sms = sm_count(x.device.index)
+    wpr = next(w for w in GEMV_WARPS_PER_ROW if w == 8 or n * w // 8 >= 2 * sms)
     norm_weight, eps = norm or side_norm or (None, 0.0)
     variant = NORMS["x" if norm is not None else "out" if side_norm is not None else None]
-    _launch(f"gemv<{DTYPE_CODES[x.dtype]},{EPILOGUES[epilogue]},{wpr},{variant}>", (-(-n * wpr // 8),), 256,
+    blocks = min(-(-n * wpr // 8), GEMV_BLOCKS_PER_SM * sms)
+    _launch(f"gemv<{DTYPE_CODES[x.dtype]},{EPILOGUES[epilogue]},{wpr},{variant}>", (blocks,), 256,
             (weight, x, n, k, float(threshold), out, norm_weight, float(eps), residual, normed), x.device,
             shared_mem=2 * k)
     return out if normed is None else (out, normed)
@@ -156,7 +157,7 @@ def decode_attention(q, k_cache, v_cache, pos, n_heads: int) -> torch.Tensor:
     out = torch.empty_like(q)
     _launch(f"decode_attention<{DTYPE_CODES[q.dtype]}>", (n_heads, splits), ATTENTION_THREADS,
             (q, k_cache, v_cache, pos, n_heads, n_kv, hd, max_len, chunk, float(hd ** -0.5), partial, counters, out),
-            q.device, shared_mem=4 * (chunk + ATTENTION_THREADS * 8))
+            q.device, shared_mem=4 * (hd + 2) * (ATTENTION_THREADS // (hd // 8)))
     return out
 
 

@@ -38,6 +38,7 @@ __device__ __forceinline__ void copy_bytes(unsigned char* dst, const unsigned ch
 extern "C" __global__ void __launch_bounds__(THREADS) send_to_host(
     const unsigned char* __restrict__ x, long long x_bytes, const unsigned char* __restrict__ mask,
     long long mask_bytes, unsigned char* x_host, unsigned char* mask_host, int* x_ready, const int* epoch) {
+  pdl_start();
   copy_bytes(x_host, x, x_bytes);
   copy_bytes(mask_host, mask, mask_bytes);
   __threadfence_system();  // this thread's writes reach the host before the flag below
@@ -45,12 +46,14 @@ extern "C" __global__ void __launch_bounds__(THREADS) send_to_host(
   if (threadIdx.x == 0) *(volatile int*)x_ready = *epoch;
 }
 
-// Wait until the CPU sets *y_ready = *epoch (or timeout_ns passes: *error = 1), then out = y_gpu + y_host.
-// type: 0 fp32, 1 fp16, 2 bf16 (of y_gpu, y_host and out, d elements). Each thread reads 16 bytes of y_host at
-// once where it can (the reads cross PCIe: one round of them, not several).
+// Wait until the CPU sets *y_ready = *epoch (or timeout_ns passes: *error = 1), then out = y_gpu + y_host, plus
+// residual if not null (rounded as the torch ops round: residual + (y_gpu + y_host)). type: 0 fp32, 1 fp16,
+// 2 bf16 (of y_gpu, y_host, residual and out, d elements). Each thread reads 16 bytes of y_host at once where it
+// can (the reads cross PCIe: one round of them, not several).
 extern "C" __global__ void __launch_bounds__(THREADS) add_from_host(
-    const void* __restrict__ y_gpu, const void* y_host, void* __restrict__ out, int d, int type,
-    const int* y_ready, const int* epoch, int* error, long long timeout_ns) {
+    const void* __restrict__ y_gpu, const void* y_host, const void* __restrict__ residual, void* __restrict__ out,
+    int d, int type, const int* y_ready, const int* epoch, int* error, long long timeout_ns) {
+  pdl_start();
   if (threadIdx.x == 0) {
     const int want = *epoch;
     unsigned long long start, t;
@@ -82,11 +85,14 @@ extern "C" __global__ void __launch_bounds__(THREADS) add_from_host(
       }
     }
     for (int k = 0; k < n; ++k) {
+      const int i = i0 + k;
       if (type == 0) {
-        ((float*)out)[i0 + k] = ((const float*)y_gpu)[i0 + k] + host.f[k];
+        const float s = ((const float*)y_gpu)[i] + host.f[k];
+        ((float*)out)[i] = residual ? ((const float*)residual)[i] + s : s;
       } else {
-        const float s = to_float(((const unsigned short*)y_gpu)[i0 + k], type) + to_float(host.h[k], type);
-        ((unsigned short*)out)[i0 + k] = float_to(s, type);
+        float s = to_float(((const unsigned short*)y_gpu)[i], type) + to_float(host.h[k], type);
+        if (residual) s = to_float(((const unsigned short*)residual)[i], type) + to_float(float_to(s, type), type);
+        ((unsigned short*)out)[i] = float_to(s, type);
       }
     }
   }

@@ -1,25 +1,23 @@
 """The GPU-CPU hand-off of a hybrid decode step, without the host in the GPU's way.
 
-Per split layer the GPU writes the FFN input and the predictor's mask into pinned host memory and raises a flag
-there (`send`), runs its hot rows, then waits on the GPU for the CPU's flag and adds the CPU's cold-row result
-(`receive`). Meanwhile one host call (`run_cpu`, cold_step in cpu_rows.c) walks the layers: it spins on each
-input flag, computes the cold rows and raises the output flag. The flags carry a step number (`epoch`, counted
-on the GPU by `begin_step` and on the host by `run_cpu`), so a whole decode step is one CUDA graph replay plus
-one C call: no per-layer launch, event or Python on the critical path. Both waits give up after a timeout and
-say so rather than hang."""
+Per split layer (`exchange`) the GPU writes the FFN input and the predictor's mask into pinned host memory and
+raises a flag there (send_to_host), runs its hot rows beside it, then waits on the GPU for the CPU's flag and adds
+the CPU's cold-row result and the residual (add_from_host). Meanwhile one host call (`run_cpu`, cold_step in
+cpu_rows.c) walks the layers: it spins on each input flag, computes the cold rows and raises the output flag.
+The flags carry a step number (`epoch`, counted on the GPU by `begin_step` and on the host by `run_cpu`), so a
+whole decode step is one CUDA graph replay plus one C call: no per-layer launch, event or Python on the
+critical path. Both waits give up after a timeout and say so rather than hang."""
 from __future__ import annotations
 
 import contextlib
 import functools
 import threading
-from pathlib import Path
 
-import cupy
 import numpy as np
 import torch
 
 from .cpu import ColdStep
-from .cuda import launch, ptr
+from .cuda import compile_module, launch, ptr
 from .rows import DTYPE_CODES, FFNRows
 
 THREADS = 1024  # THREADS in handoff.cu
@@ -28,7 +26,7 @@ TIMEOUT_S = 30.0  # either side waiting longer than this for the other gives up 
 
 @functools.cache
 def _module():
-    return cupy.RawModule(code=Path(__file__).with_name("handoff.cu").read_text(), options=("-std=c++17",))
+    return compile_module("handoff.cu")
 
 
 def _launch(name: str, args, device: torch.device):
@@ -54,9 +52,7 @@ class Handoff:
                                   self.ready)
         self.on_step = on_step
         self.engaged = False  # set while a decode step is traced for a graph: split FFNs then use the hand-off
-        # send_to_host is one block: on a stream of its own (a parallel branch of the graph) the hot rows need
-        # not wait for it
-        self.side = torch.cuda.Stream(self.device)
+        self.side = torch.cuda.Stream(self.device)  # the hot rows' (a parallel branch of the graph)
         _module()  # compile now, not inside a step the CPU is already waiting on
 
     @contextlib.contextmanager
@@ -71,24 +67,37 @@ class Handoff:
         """GPU: the next step's number, at the start of the step (captured in its graph)."""
         self.epoch += 1
 
-    def send(self, slot: int, x: torch.Tensor, active: torch.Tensor):
-        """GPU: hand layer `slot`'s input (1, dim) and mask (1, n_ff) to the CPU, on the side stream (joined by
-        `receive`), so the caller's stream goes on at once."""
-        x, active = x.contiguous(), active.contiguous()
-        self.side.wait_stream(torch.cuda.current_stream(self.device))
+    def exchange(self, slot: int, x: torch.Tensor, active: torch.Tensor, hot, residual=None) -> torch.Tensor:
+        """GPU: layer `slot`'s FFN output plus residual (if given): hands the input x (1, dim) and mask
+        (1, n_ff) to the CPU on this stream, runs hot() (the GPU's rows, returning x's shape and dtype) on the
+        side stream meanwhile, then adds the CPU's result once its flag is up (rounded as
+        `residual + (hot() + cpu)` in torch). The hot rows run on the side stream so that send_to_host, a
+        programmatic dependent on this stream, is resident before the predictor ends and starts at once."""
+        main = torch.cuda.current_stream(self.device)
+        self.side.wait_stream(main)
+        self._send(slot, x.contiguous(), active.contiguous())
         with torch.cuda.stream(self.side):
-            _launch("send_to_host", (ptr(x), np.int64(x.numel() * x.element_size()), ptr(active),
-                                     np.int64(active.numel()), ptr(self.x_host), ptr(self.active_host),
-                                     ptr(self.ready[0, slot]), ptr(self.epoch)), self.device)
+            y_gpu = hot().contiguous()
+        main.wait_stream(self.side)
+        y_gpu.record_stream(main)
+        if residual is not None:
+            if residual.dtype != y_gpu.dtype or residual.numel() != y_gpu.numel():
+                raise ValueError(f"residual: expected {y_gpu.numel()} elements of {y_gpu.dtype}, got "
+                                 f"{residual.numel()} of {residual.dtype}")
+            residual = residual.contiguous()
+        return self._receive(slot, y_gpu, residual)
 
-    def receive(self, slot: int, y_gpu: torch.Tensor) -> torch.Tensor:
-        """GPU: y_gpu + the CPU's result for layer `slot`, once the CPU has raised its flag."""
-        torch.cuda.current_stream(self.device).wait_stream(self.side)  # send is done with x and the mask
-        y_gpu = y_gpu.contiguous()
+    def _send(self, slot, x, active):
+        _launch("send_to_host", (ptr(x), np.int64(x.numel() * x.element_size()), ptr(active),
+                                 np.int64(active.numel()), ptr(self.x_host), ptr(self.active_host),
+                                 ptr(self.ready[0, slot]), ptr(self.epoch)), self.device)
+
+    def _receive(self, slot, y_gpu, residual):
         out = torch.empty_like(y_gpu)
-        _launch("add_from_host", (ptr(y_gpu), ptr(self.y_host), ptr(out), np.int32(y_gpu.numel()),
-                                  np.int32(DTYPE_CODES[y_gpu.dtype]), ptr(self.ready[1, slot]), ptr(self.epoch),
-                                  ptr(self.error), np.int64(TIMEOUT_S * 1e9)), self.device)
+        _launch("add_from_host", (ptr(y_gpu), ptr(self.y_host), np.uint64(0) if residual is None else ptr(residual),
+                                  ptr(out), np.int32(y_gpu.numel()), np.int32(DTYPE_CODES[y_gpu.dtype]),
+                                  ptr(self.ready[1, slot]), ptr(self.epoch), ptr(self.error),
+                                  np.int64(TIMEOUT_S * 1e9)), self.device)
         return out
 
     def run_cpu(self):

@@ -234,19 +234,20 @@ __device__ __forceinline__ void quant_segment_dot(const unsigned char* grow, con
   __syncwarp();  // the warp's next work item overwrites the stage
 }
 
-// Warp 0 of a gate_up block: lists which of the block's candidate rows [32 b, 32 b + 32) some token needs (their
-// index j, neuron n and token bits, in row order, n_listed of them), and writes h = 0 (h not null) for the others,
-// which are never read. active (T, n_ff), h (T, h_stride) compact (column j) or full (column n).
+// Warp 0 of a gate_up block (the other warps call pdl_wait instead): lists which of the block's candidate rows
+// [32 b, 32 b + 32) some token needs (their index j, neuron n and token bits, in row order, n_listed of them),
+// and writes h = 0 (h not null) for the others, which are never read. active (T, n_ff), h (T, h_stride) compact
+// (column j) or full (column n).
 template <int TT>
 __device__ __forceinline__ void list_needed_rows(const long long* __restrict__ neuron_idx, int m,
                                                  const bool* __restrict__ active, long long n_ff, int T,
                                                  float* __restrict__ h, long long h_stride, int full, int* list_row,
                                                  int* list_on, long long* list_neuron, int* n_listed, int lane) {
   const int j = blockIdx.x * ROWS_PER_BLOCK + lane;
-  long long n = 0;
+  const long long n = j < m ? neuron_idx[j] : 0;
+  pdl_wait();  // the index is constant; the mask may come from the previous kernel
   int on = 0;  // bit t: token t has this row's neuron active
   if (j < m) {
-    n = neuron_idx[j];
 #pragma unroll
     for (int t = 0; t < TT; ++t)
       if (t < T && active[t * n_ff + n]) on |= 1 << t;
@@ -283,9 +284,12 @@ __global__ void __launch_bounds__(256) gate_up(
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int segs = (d + SEG - 1) / SEG;
   const long long h_stride = full ? n_ff : m;
+  pdl_launch_next();
   if (warp == 0)
     list_needed_rows<TT>(neuron_idx, m, active, n_ff, T, h, h_stride, full, list_row, list_on, list_neuron,
                          &n_listed, lane);
+  else
+    pdl_wait();
   __syncthreads();
   const int items = n_listed * segs;
   for (int item = warp; item < items; item += WARPS) {
@@ -345,8 +349,11 @@ __device__ __forceinline__ void one_token_activations(
     int full, float* xs, int* list_row, int* list_on, long long* list_neuron, int* n_listed, float* hs) {
   constexpr int U = sizeof(typename Row<WT>::Raw) == 16 ? 8 : 4;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  pdl_launch_next();
   if (warp == 0)
     list_needed_rows<1>(neuron_idx, m, active, 0, 1, h, 0, full, list_row, list_on, list_neuron, n_listed, lane);
+  else
+    pdl_wait();
   for (int c = threadIdx.x * 8; c < xpad; c += blockDim.x * 8) Row<XT>::load8(x, c, xs + c);
   __syncthreads();
   for (int k = warp; k < *n_listed; k += WARPS) {
@@ -420,13 +427,44 @@ __device__ __forceinline__ void red_add8(float* acc, const float* v) {
 #endif
 }
 
+// Called by every thread of every block once its atomic adds into acc (xpad fp32, zero between launches) are
+// issued: the grid's last block to get here (counted in *done) writes y (d elements, out_type: fp32 0, fp16 1,
+// bf16 2) = residual (y's type, may be null) + acc, rounded as the torch add of the rounded sum would, and
+// zeroes acc and *done for the next launch.
+__device__ __forceinline__ void write_sums_if_last(float* acc, int* done, int d, int xpad, void* y, int out_type,
+                                                   const void* residual) {
+  __shared__ bool last;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(done, 1) == (int)(gridDim.x * gridDim.y) - 1;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  for (int c = threadIdx.x; c < xpad; c += blockDim.x) {
+    const float s = __ldcg(acc + c);
+    __stcg(acc + c, 0.0f);
+    if (c >= d) continue;
+    if (out_type == 0) {
+      reinterpret_cast<float*>(y)[c] = residual ? s + reinterpret_cast<const float*>(residual)[c] : s;
+    } else {
+      unsigned short b = to_half(s, out_type);
+      if (residual) {
+        const unsigned short r = reinterpret_cast<const unsigned short*>(residual)[c];
+        b = to_half(from_half(b, out_type) + from_half(r, out_type), out_type);
+      }
+      reinterpret_cast<unsigned short*>(y)[c] = b;
+    }
+  }
+  if (threadIdx.x == 0) *done = 0;
+}
+
 // The whole FFN of one token over float rows, in one launch: y (d, out_type: fp32 0, fp16 1, bf16 2) = residual
 // (y's type, may be null) + the sum over the rows j the token needs of activation_j * down[j], rounded as the torch
 // add of the rounded sum would. Block b computes its candidate rows' activations
 // (one_token_activations), multiplies the nonzero ones by their down rows (each thread 8 columns, DOWN_LOADS rows'
 // loads in flight; short rows: several groups of threads take every groups-th row and add up in shared memory)
 // and adds its sums to acc (xpad fp32, zero between launches) with atomic vector adds; the last block to finish
-// (counted in *done) writes acc to y and zeroes acc and *done for the next launch. The order of the atomic
+// writes y (write_sums_if_last). The order of the atomic
 // adds varies, so y may differ from run to run by fp32 rounding. Dynamic shared memory: max(xpad, 2048) floats
 // (x, then the groups' sums).
 #define DOWN_LOADS 8
@@ -442,7 +480,6 @@ __global__ void __launch_bounds__(256) ffn_one(
   __shared__ long long list_neuron[ROWS_PER_BLOCK];
   __shared__ float hs[ROWS_PER_BLOCK], down_h[ROWS_PER_BLOCK];
   __shared__ int down_row[ROWS_PER_BLOCK];
-  __shared__ bool last;
   float* group_sums = xs;  // x is no longer read once the activations are known
   one_token_activations<WT, XT>(gate, up, row_bytes, neuron_idx, m, active, x, d, xpad, act, threshold, nullptr,
                                 0, xs, list_row, list_on, list_neuron, &n_listed, hs);
@@ -500,28 +537,7 @@ __global__ void __launch_bounds__(256) ffn_one(
       red_add8(acc + v0 * 8, sum);
     }
   }
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) last = atomicAdd(done, 1) == (int)gridDim.x - 1;
-  __syncthreads();
-  if (!last) return;
-  __threadfence();
-  for (int c = threadIdx.x; c < xpad; c += blockDim.x) {
-    const float s = __ldcg(acc + c);
-    __stcg(acc + c, 0.0f);
-    if (c >= d) continue;
-    if (out_type == 0) {
-      reinterpret_cast<float*>(y)[c] = residual ? s + reinterpret_cast<const float*>(residual)[c] : s;
-    } else {
-      unsigned short b = to_half(s, out_type);
-      if (residual) {
-        const unsigned short r = reinterpret_cast<const unsigned short*>(residual)[c];
-        b = to_half(from_half(b, out_type) + from_half(r, out_type), out_type);
-      }
-      reinterpret_cast<unsigned short*>(y)[c] = b;
-    }
-  }
-  if (threadIdx.x == 0) *done = 0;
+  write_sums_if_last(acc, done, d, xpad, y, out_type, residual);
 }
 
 // v[q] = this lane's 8 columns (c) of row base + lanes[q] (q < 4, lanes[q] < 0: none) of quantized rows: the
@@ -570,6 +586,7 @@ __global__ void __launch_bounds__(256) down_partial(
   constexpr int Q = Quant<WT>::BYTES > 0 ? 4 : 8;  // rows in flight per warp (quantized rows: the stage holds 4)
   __shared__ float red[(TT == 1 ? WARPS : TT) * 256];
   __shared__ __align__(16) unsigned char stage[WARPS][4 * 8 * Quant<WT>::BYTES + 16];
+  pdl_start();
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int c = blockIdx.x * 256 + lane * 8;
   const bool col_ok = c < d;

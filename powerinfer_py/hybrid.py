@@ -98,14 +98,13 @@ class HybridFeedForward(nn.Module):
         x, active = self.prepare(x, active)
         if self.counters is not None and not self.engaged(x):  # an engaged hand-off's host side counts hits
             self.counters.count(active, self.gpu_mask if self.cpu_rows is not None else None)
+        res = residual.reshape(x.shape) if residual is not None else None
         if not self.splits:  # one device: the kernels may add the residual as they write
             rows = self.gpu_rows if self.gpu_rows is not None else self.cpu_rows
-            res = residual.reshape(x.shape) if residual is not None else None
             return sparse_ffn(x, rows, active, self.act, self.threshold, residual=res).view(shape)
-        if self.engaged(x):
-            self.handoff.send(self.slot, x, active)
-            y = self.handoff.receive(self.slot, self.gpu_part(x, active))
-        elif x.shape[0] >= STREAM_MIN_TOKENS:
+        if self.engaged(x):  # the hand-off's last kernel adds the residual
+            return self.handoff.exchange(self.slot, x, active, lambda: self.gpu_part(x, active), res).view(shape)
+        if x.shape[0] >= STREAM_MIN_TOKENS:
             y = self.gpu_part(x, active) + self.streamed_part(x, active)
         else:
             self.send(x, active)

@@ -115,11 +115,14 @@ def test_deterministic(T):
     assert torch.equal(first, second) if T > 1 else rel_err(first, second.double()) < 1e-6
 
 
+@pytest.mark.parametrize("kernels", ["ffn_one", "gate_up_one, down_partial"])
 @pytest.mark.parametrize("weight_type", ["f32", "f16", "bf16"])
-@pytest.mark.parametrize("d", [300, 2056, 4096])  # thread groups sharing the rows; 2 passes, the second short
-def test_one_token_ffn_over_launches(weight_type, d, monkeypatch):
-    """ffn_one leaves its sums and counter zero: launch after launch, any density, each matches the reference."""
-    monkeypatch.setattr(cuda_backend, "ONE_LAUNCH_MAX_BYTES", 1 << 40)  # these rows, however large
+@pytest.mark.parametrize("d", [300, 2056, 4096, 8200])  # ffn_one: thread groups sharing the rows; 2 passes, the
+# second short; 3 passes
+def test_one_token_ffn_over_launches(weight_type, d, kernels, monkeypatch):
+    """ffn_one leaves its sums and counter zero, down_partial its counters: launch after launch, any density, each
+    matches the reference, with the residual added as the torch add of the rounded sum."""
+    monkeypatch.setattr(cuda_backend, "ONE_LAUNCH_MAX_BYTES", 1 << 40 if kernels == "ffn_one" else 0)
     rows, (gate, up, down_t) = case(weight_type, m=1500, d=d)
     for act, threshold, density in [("relu", 0.0, 0.3), ("silu", 0.0, 0.0), ("drelu", 0.0, 1.0), ("relu", 0.3, 0.5)]:
         x, active = torch.randn(1, d, device="cuda"), random_mask(1, 2500, density).cuda()

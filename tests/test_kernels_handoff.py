@@ -30,12 +30,12 @@ def expected(rows, x, active, y_gpu):
     return y_gpu.double().cpu() + cold
 
 
-def one_step(handoff, layers, xs, masks, y_gpus):
+def one_step(handoff, layers, xs, masks, y_gpus, residuals=None):
     handoff.begin_step()
     outs = []
     for slot in range(len(layers)):
-        handoff.send(slot, xs[slot], masks[slot])
-        outs.append(handoff.receive(slot, y_gpus[slot]))
+        hot = y_gpus[slot].clone  # a new tensor, made on the side stream
+        outs.append(handoff.exchange(slot, xs[slot], masks[slot], hot, None if residuals is None else residuals[slot]))
     return outs
 
 
@@ -46,21 +46,26 @@ def fresh_inputs(n_layers, dtype, dim=D):
     return xs, masks, y_gpus
 
 
+@pytest.mark.parametrize("with_residual", [False, True])
 @pytest.mark.parametrize("dim", [D, 250])  # 250: not a multiple of 16 bytes, read element by element
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-def test_eager_steps_add_the_cold_rows(dtype, dim):
+def test_eager_steps_add_the_cold_rows(dtype, dim, with_residual):
     steps = []
     layers, handoff = make(dtype, dim=dim)
     handoff.on_step = lambda seconds, active, cold: steps.append((seconds, active, cold))
     with handoff.engage():
         for _ in range(2):
             xs, masks, y_gpus = fresh_inputs(len(layers), dtype, dim)
+            residuals = [torch.randn_like(y) for y in y_gpus] if with_residual else None
             with handoff.cpu_alongside():
-                outs = one_step(handoff, layers, xs, masks, y_gpus)
+                outs = one_step(handoff, layers, xs, masks, y_gpus, residuals)
             torch.cuda.synchronize()
-            for rows, x, mask, y_gpu, out in zip(layers, xs, masks, y_gpus, outs):
+            for i, (rows, x, mask, y_gpu, out) in enumerate(zip(layers, xs, masks, y_gpus, outs)):
+                want = expected(rows, x, mask, y_gpu)
+                if with_residual:  # added to the rounded sum, as torch's residual + y
+                    want = (residuals[i].cpu() + want.to(dtype)).double()
                 assert out.dtype == dtype
-                assert rel_err(out, expected(rows, x, mask, y_gpu)) < RTOL[dtype]
+                assert rel_err(out, want) < RTOL[dtype]
             active = sum(int(m.sum()) for m in masks)
             cold = sum(int(m[0, rows.neuron_idx.cuda()].sum()) for rows, m in zip(layers, masks))
             assert steps[-1][1:] == (active, cold) and steps[-1][0] > 0
