@@ -1,14 +1,14 @@
 """The hybrid FFN: one layer's neurons split between the GPU (hot rows) and the CPU (cold rows), both halves
 computed at the same time from the same predictor mask, partial outputs added on the GPU.
 
-Decode steps traced for a CUDA graph go through a kernels.Handoff shared by the split layers: the GPU hands
-x and the mask to pinned host memory and raises a flag, runs the hot rows, and waits on the GPU for the CPU's
-flag before adding its result, while one host call computes every layer's cold rows as their flags come
-(generate.capture_decode). Other calls (prefill, eager decode) hand off per layer from the host:
-GPU: copy x and the mask to pinned host buffers (`send`), record an event, launch the hot rows (`gpu_part`)
-| CPU: wait for the event, compute the cold rows (`cpu_part`) | GPU: copy the cold result back, pinned and
-non-blocking, and add it (`receive`). The module keeps model.FeedForward's signature, so the model code does not
-change; kernels come from the `kernels` registry."""
+Decode steps traced for a CUDA graph go through a kernels.Handoff shared by the split layers
+(Handoff.exchange): the GPU hands x and the mask to pinned host memory and raises a flag, runs the hot rows
+beside it, and waits on the GPU for the CPU's flag before adding its result and the residual, while one host
+call computes every layer's cold rows as their flags come (generate.capture_decode). Other calls (prefill,
+eager decode) hand off per layer from the host: GPU: copy x and the mask to pinned host buffers (`send`),
+record an event, launch the hot rows (`gpu_part`) | CPU: wait for the event, compute the cold rows
+(`cpu_part`) | GPU: copy the cold result back, pinned and non-blocking, and add it (`receive`). The module
+keeps model.FeedForward's signature, so the model code does not change; kernels come from the `kernels` registry."""
 from __future__ import annotations
 
 import time
