@@ -1,5 +1,26 @@
 // Prepended to every .cu file of the package (kernels/cuda.py compile_module).
-//
+
+// 16-bit elements (the element type codes of kernels/rows.py: 1 fp16, 2 bf16) to and from fp32.
+__device__ __forceinline__ float half_to_float(unsigned short h) {
+  float f;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+  return f;
+}
+
+__device__ __forceinline__ float bf16_to_float(unsigned short b) { return __uint_as_float((unsigned int)b << 16); }
+
+// fp32 to and from an output's 16-bit type (1 fp16, 2 bf16), rounding to nearest even
+__device__ __forceinline__ unsigned short to_half(float f, int type) {
+  unsigned short b;
+  if (type == 1) asm("cvt.rn.f16.f32 %0, %1;" : "=h"(b) : "f"(f));
+  else asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(b) : "f"(f));
+  return b;
+}
+
+__device__ __forceinline__ float from_half(unsigned short b, int type) {
+  return type == 1 ? half_to_float(b) : bf16_to_float(b);
+}
+
 // Programmatic dependent launch: on sm_90+ kernels/cuda.py launches every kernel with programmatic stream
 // serialization, so a kernel's blocks may start while the kernel before it on the stream is still running.
 // Each kernel lets the next one start as soon as it has started itself (pdl_launch_next), and waits

@@ -1,26 +1,14 @@
-// The dense half of a one-token decode step, fused (compiled by CuPy's NVRTC; no headers needed): matrix-vector
-// products with their epilogue, RMSNorm, RoPE with the KV-cache write, and attention over the cache. Elements
-// are fp16 (DT 1) or bf16 (DT 2) stored as raw 16-bit words; every sum is fp32. Each kernel rounds where the
-// plain torch ops it replaces round (kernels/decode.py holds those references).
+// The dense half of a one-token decode step, fused (compiled by CuPy's NVRTC behind common.cuh; no headers):
+// matrix-vector products with their epilogue, RMSNorm, RoPE with the KV-cache write, and attention over the
+// cache. Elements are fp16 (DT 1) or bf16 (DT 2) stored as raw 16-bit words; every sum is fp32. Each kernel
+// rounds where the plain torch ops it replaces round (kernels/decode.py holds those references).
 
 #define FULL_MASK 0xffffffffu
 #define NEG_INF __int_as_float(0xff800000)
 
-template <int DT> __device__ __forceinline__ float to_f(unsigned short v) {
-  if (DT == 1) {
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v));
-    return f;
-  }
-  return __uint_as_float((unsigned int)v << 16);
-}
+template <int DT> __device__ __forceinline__ float to_f(unsigned short v) { return from_half(v, DT); }
 
-template <int DT> __device__ __forceinline__ unsigned short from_f(float f) {
-  unsigned short v;
-  if (DT == 1) asm("cvt.rn.f16.f32 %0, %1;" : "=h"(v) : "f"(f));
-  else asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(v) : "f"(f));
-  return v;
-}
+template <int DT> __device__ __forceinline__ unsigned short from_f(float f) { return to_half(f, DT); }
 
 template <int DT> __device__ __forceinline__ float round_f(float f) { return to_f<DT>(from_f<DT>(f)); }
 

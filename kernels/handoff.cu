@@ -1,26 +1,9 @@
 // The GPU half of the decode-step hand-off (kernels/handoff.py): a split layer's input goes to pinned host
 // memory, which the GPU writes and reads directly (mapped, unified addressing), and flags in that memory
 // order the two sides: no host round trip, no extra launch, so the whole step stays one CUDA graph.
-// Compiled by CuPy's NVRTC; no headers. One block of THREADS threads per launch.
+// Compiled by CuPy's NVRTC behind common.cuh; no headers. One block of THREADS threads per launch.
 
 #define THREADS 1024
-
-__device__ __forceinline__ float to_float(unsigned short v, int type) {
-  if (type == 2) return __uint_as_float((unsigned int)v << 16);  // bf16
-  float f;
-  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v));
-  return f;
-}
-
-__device__ __forceinline__ unsigned short float_to(float f, int type) {
-  unsigned short v;
-  if (type == 2) {
-    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(v) : "f"(f));
-  } else {
-    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(v) : "f"(f));
-  }
-  return v;
-}
 
 // n bytes from src to dst by all threads, in 16-byte stores where both are aligned (few, large PCIe writes).
 __device__ __forceinline__ void copy_bytes(unsigned char* dst, const unsigned char* __restrict__ src, long long n) {
@@ -90,9 +73,9 @@ extern "C" __global__ void __launch_bounds__(THREADS) add_from_host(
         const float s = ((const float*)y_gpu)[i] + host.f[k];
         ((float*)out)[i] = residual ? ((const float*)residual)[i] + s : s;
       } else {
-        float s = to_float(((const unsigned short*)y_gpu)[i], type) + to_float(host.h[k], type);
-        if (residual) s = to_float(((const unsigned short*)residual)[i], type) + to_float(float_to(s, type), type);
-        ((unsigned short*)out)[i] = float_to(s, type);
+        float s = from_half(((const unsigned short*)y_gpu)[i], type) + from_half(host.h[k], type);
+        if (residual) s = from_half(((const unsigned short*)residual)[i], type) + from_half(to_half(s, type), type);
+        ((unsigned short*)out)[i] = to_half(s, type);
       }
     }
   }

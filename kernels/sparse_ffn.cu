@@ -1,4 +1,5 @@
-// Sparse FFN kernels over rows gathered by a device-side mask (compiled by CuPy's NVRTC; no headers needed).
+// Sparse FFN kernels over rows gathered by a device-side mask (compiled by CuPy's NVRTC behind common.cuh; no
+// headers).
 // Rows are packed by kernels/rows.py: row_bytes a multiple of 16, float rows zero-padded to a multiple of 8
 // elements; x likewise. All sums are fp32 in a fixed order (deterministic), but for ffn_one's, whose blocks add
 // into one output atomically.
@@ -8,26 +9,6 @@
 
 enum { F32 = 0, F16 = 1, BF16 = 2, Q8_0 = 3, Q4_0 = 4 };
 enum { RELU = 0, DRELU = 1, SILU = 2 };
-
-__device__ __forceinline__ float half_to_float(unsigned short h) {
-  float f;
-  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
-  return f;
-}
-
-__device__ __forceinline__ float bf16_to_float(unsigned short b) { return __uint_as_float((unsigned int)b << 16); }
-
-// fp32 to and from an output's 16-bit type (1 fp16, 2 bf16), rounding to nearest even
-__device__ __forceinline__ unsigned short to_half(float f, int type) {
-  unsigned short b;
-  if (type == 1) asm("cvt.rn.f16.f32 %0, %1;" : "=h"(b) : "f"(f));
-  else asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(b) : "f"(f));
-  return b;
-}
-
-__device__ __forceinline__ float from_half(unsigned short b, int type) {
-  return type == 1 ? half_to_float(b) : bf16_to_float(b);
-}
 
 // Row<WT>::load8(row, c, v): elements c..c+7 of a row (c a multiple of 8) as fp32. Float types also split it
 // into raw8 (the 16-byte loads, issued early) and decode8.
