@@ -2,8 +2,9 @@
 chrome://tracing) and, per split layer, how the CPU's cold-row compute overlaps the GPU's hot-row kernels.
 
 A decode step is one graph replay plus one host call that computes every layer's cold rows (kernels/handoff.py).
-Per layer the GPU runs `send_to_host` (input and mask to pinned memory), the hot rows' kernels, then
-`add_from_host`, which waits on the GPU for the CPU and adds its result; the host call records when it saw each
+Per layer the GPU runs `send_to_host` (input and list of active cold rows to pinned memory) and
+`fetch_from_host` (waits on the GPU for the CPU's result and copies it over) beside the hot rows' kernels, then
+`add_parts` adds both halves; the host call records when it saw each
 layer's input and when it published the output (kernels.cpu.ColdStep.times, on the clock of time.perf_counter).
 Those host spans are put into the trace as `hybrid.cold_rows` events, aligned by the profiler range around the
 host call."""
@@ -18,6 +19,7 @@ from powerinfer_py.generate import Generator
 
 COLD_RANGE = "hybrid.cold_rows"
 STEP_RANGE = "hybrid.cold_step"
+HANDOFF_KERNELS = ("send_to_host", "fetch_from_host", "add_parts")  # kernels/handoff.cu, in a layer's order
 
 
 def trace_decode_step(model, prompt: list[int], ctx: int, path: str) -> dict:
@@ -65,23 +67,24 @@ def trace_decode_step(model, prompt: list[int], ctx: int, path: str) -> dict:
 
 def overlap_summary(events: list[dict]) -> dict:
     """Per split layer, in microseconds: CPU cold-row time, GPU hot-kernel busy time and span (the kernels that
-    start with or after the layer's send_to_host, which runs beside them on a stream of its own, and end before
-    its add_from_host), the time both ran at once, how long the GPU waited in
-    add_from_host, and the GPU-only time from there to the next layer's send (attention, predictor)."""
+    start with or after the layer's send_to_host and end before its add_parts, other than the hand-off's own
+    send_to_host and fetch_from_host, which run beside them on the main stream), the time both ran at once, how
+    long the GPU waited for the CPU's result after its hot rows (fetch_from_host ending after them), and the
+    GPU-only time from the add to the next layer's send (attention, predictor)."""
     spans = [e for e in events if e.get("ph") == "X"]
     cold = sorted((e["ts"], e["ts"] + e["dur"]) for e in spans if e.get("name") == COLD_RANGE)
     kernels = sorted((e["ts"], e["ts"] + e["dur"], e["name"]) for e in spans if e.get("cat") == "kernel")
-    sends = [k for k in kernels if k[2] == "send_to_host"]
-    adds = [k for k in kernels if k[2] == "add_from_host"]
+    sends, fetches, adds = ([k for k in kernels if k[2] == name] for name in HANDOFF_KERNELS)
     layers = []
-    for i, ((c0, c1), send, add) in enumerate(zip(cold, sends, adds)):
-        hot = [k for k in kernels if send[0] <= k[0] and k[1] <= add[0] and k[2] != "send_to_host"]
+    for i, ((c0, c1), send, fetch, add) in enumerate(zip(cold, sends, fetches, adds)):
+        hot = [k for k in kernels if send[0] <= k[0] and k[1] <= add[0] and k[2] not in HANDOFF_KERNELS]
+        hot_end = max((k[1] for k in hot), default=send[1])
         layer = {"cpu_cold_us": c1 - c0, "gpu_hot_us": sum(k[1] - k[0] for k in hot), "gpu_hot_span_us": 0.0,
-                 "overlap_us": 0.0, "gpu_wait_us": add[1] - add[0],
+                 "overlap_us": 0.0, "gpu_wait_us": max(0.0, fetch[1] - hot_end),
                  "gpu_only_us": sends[i + 1][0] - add[1] if i + 1 < len(sends) else None}
         if hot:
-            g0, g1 = hot[0][0], max(k[1] for k in hot)
-            layer.update(gpu_hot_span_us=g1 - g0, overlap_us=max(0.0, min(c1, g1) - max(c0, g0)))
+            g0 = hot[0][0]
+            layer.update(gpu_hot_span_us=hot_end - g0, overlap_us=max(0.0, min(c1, hot_end) - max(c0, g0)))
         layers.append(layer)
     keys = ("cpu_cold_us", "gpu_hot_us", "gpu_hot_span_us", "overlap_us", "gpu_wait_us", "gpu_only_us")
     total = {key: sum(layer[key] or 0.0 for layer in layers) for key in keys}

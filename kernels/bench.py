@@ -5,7 +5,7 @@ For Llama-2-7B (d 4096, n_ff 11008) and 70B (8192, 28672) FFN shapes, at 5-50% a
   subtracted) and its bandwidth on the bytes it must move (active rows, x, y, mask, index, h), against a
   device-to-device copy measured in the same run; the dense cuBLAS products of the same matrices and the torch
   gather-then-matmul reference beside it; a token sweep for the dense-GEMM switch, the down kernel's split sweep
-  and the one-launch sweep for the one-token FFN.
+  and the one-launch sweep for the one-token FFN; the GPU-CPU hand-off of a decode step, per layer.
 - CPU: the CPU backend (its C kernels, and its torch path) against a plain read of the same number of bytes,
   the dense fp32 products and the gather-then-matmul reference, caches flushed before every call; f32 rows,
   or with --cpu-compare every weight type, the candidate kernels that lost, and a token sweep.
@@ -265,6 +265,53 @@ def decode_bench(timer, copy_bw, records):
                                 impl=f"{impl} (position {pos} of {max_len})", us=timer.seconds(step) * 1e6))
 
 
+def handoff_bench(records, n_layers=32, reps=30):
+    """One decode step's hand-off as the engine runs it (kernels.Handoff in a CUDA graph, the replay beside the
+    host's cold_step), over n_layers of 7B's cold rows at 11.29 GiB (3633 f16 rows a layer) with no hot rows:
+    time per layer from the GPU's input to the CPU's result added on the GPU, and the CPU's own time per layer
+    (input seen to output published), at 0, 3, 30 and 300 active cold rows a layer (each layer its own rows)."""
+    from .handoff import Handoff
+    d, n_ff, m = 4096, 11008, 3633
+    neuron_idx = torch.arange(m) * 3  # the cold share: every third neuron
+    layers = [FFNRows(*(torch.empty(m, d, dtype=torch.float16).uniform_(-0.02, 0.02) for _ in range(3)), neuron_idx,
+                      d, "f16", n_ff) for _ in range(n_layers)]
+    handoff = Handoff(layers, d, n_ff, torch.float16, "relu", 0.0, "cuda")
+    x = torch.randn(1, d, device="cuda").half()
+    hot = torch.zeros(1, d, device="cuda").half()
+    masks = [torch.zeros(1, n_ff, dtype=torch.bool, device="cuda") for _ in range(n_layers)]
+
+    def step():
+        handoff.begin_step()
+        for slot, mask in enumerate(masks):
+            handoff.exchange(slot, x, mask, hot.clone)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), handoff.engage():
+        with handoff.cpu_alongside():
+            step()  # warm-up
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=side):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    for n_active in (0, 3, 30, 300):
+        for mask in masks:
+            mask.zero_()
+            mask[0, neuron_idx[torch.randperm(m)[:n_active]].cuda()] = True
+        per_layer, cpu = [], []
+        for _ in range(reps):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            graph.replay()
+            handoff.run_cpu()
+            torch.cuda.synchronize()
+            per_layer.append((time.perf_counter() - start) / n_layers)
+            cpu.append(float((handoff.cold_step.times[:, 1] - handoff.cold_step.times[:, 0]).median()))
+        records.append(dict(device="gpu+cpu", shape="7B cold rows", weight_type="f16", density=n_active / m, T=1,
+                            impl=f"hand-off, {n_active} active cold rows a layer (CPU's part: "
+                                 f"{statistics.median(cpu) * 1e6:.1f} us)", us=statistics.median(per_layer) * 1e6))
+
+
 # ---------------------------------------------------------------- CPU
 
 CPU_WEIGHT_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
@@ -440,9 +487,9 @@ def main(argv=None):
     parser.add_argument("--cpu-compare", action="store_true",
                         help="every weight type on the CPU, the candidate kernels that lost, a CPU token sweep")
     parser.add_argument("--flush-mib", type=int, default=640, help="bytes read between CPU calls (over the L3)")
-    parser.add_argument("--gpu-sections", default="ffn,tokens,down,one,decode",
+    parser.add_argument("--gpu-sections", default="ffn,tokens,down,one,decode,handoff",
                         help="comma-separated GPU parts: ffn (the sparse kernels), tokens, down and one (the "
-                        "sweeps), decode (kernels.decode)")
+                        "sweeps), decode (kernels.decode), handoff (kernels.Handoff)")
     parser.add_argument("--json", help="write the records here")
     args = parser.parse_args(argv)
     records, meta = [], dict(torch=torch.__version__, cpu_threads=torch.get_num_threads())
@@ -455,7 +502,8 @@ def main(argv=None):
                           ("tokens", lambda: token_sweep(timer, records)),
                           ("down", lambda: down_split_sweep(timer, records)),
                           ("one", lambda: one_launch_sweep(timer, records)),
-                          ("decode", lambda: decode_bench(timer, meta["copy_GBs"] * 1e9, records))):
+                          ("decode", lambda: decode_bench(timer, meta["copy_GBs"] * 1e9, records)),
+                          ("handoff", lambda: handoff_bench(records))):
             if name in sections:
                 run()
     if args.cpu_shapes:  # "" skips the CPU part

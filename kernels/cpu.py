@@ -70,7 +70,7 @@ def native_library() -> ctypes.CDLL | None:
     lib.gate_up.argtypes = [ptr, ptr, i64, i32, ptr, i64, ptr, i64, ptr, i32, i32, i32, f32, ptr, i32, i32]
     lib.down.argtypes = [ptr, i64, i32, i64, i32, ptr, i32, ptr, i32]
     lib.ffn.argtypes = [ptr, ptr, ptr, i64, i32, ptr, i64, ptr, i64, ptr, i32, i32, i32, f32, ptr, i32, i32]
-    lib.cold_step.argtypes = [ctypes.POINTER(RowsDesc), i32, i32, i64, i32, i32, f32, ptr, i32, ptr, ptr, ptr, ptr,
+    lib.cold_step.argtypes = [ctypes.POINTER(RowsDesc), i32, i32, i32, i32, f32, ptr, i32, ptr, i64, ptr, ptr, ptr,
                               i32, ctypes.c_double, ptr, ptr, i32]
     lib.gate_up.restype = lib.down.restype = lib.ffn.restype = None
     lib.cold_step.restype = i32
@@ -90,22 +90,34 @@ class RowsDesc(ctypes.Structure):
 
 class ColdStep:
     """The CPU half of a decode step over several layers' cold rows (cold_step in cpu_rows.c): layer by layer,
-    wait for the input flag in `ready[0]`, compute into y_host, raise the output flag in `ready[1]`. The
-    host buffers and flags are CPU tensors (pinned when a GPU writes them) that must outlive this object."""
+    wait for the input flag in `ready[0]`, compute the rows that the layer's row of cold_list names into y_host,
+    raise the output flag in `ready[1]`. The host buffers and flags are CPU tensors (pinned when a GPU writes
+    them) that must outlive this object."""
 
-    def __init__(self, layers: list[FFNRows], act: str, threshold: float, x_host, active_host, y_host, ready):
+    def __init__(self, layers: list[FFNRows], act: str, threshold: float, x_host, cold_list, y_host, ready):
         self.lib = native_library()
         if self.lib is None:
             raise RuntimeError("kernels: the CPU half of the hand-off needs the C kernels (no C compiler found)")
         if len({rows.weight_type for rows in layers}) != 1 or ready.shape != (2, len(layers)):
             raise ValueError("layers: expected one weight type, and ready of shape (2, layers)")
+        if (cold_list.dtype != torch.int32 or cold_list.dim() != 2 or cold_list.shape[0] != len(layers)
+                or cold_list.shape[1] < 2 + max(rows.m for rows in layers) or not cold_list.is_contiguous()):
+            raise ValueError("cold_list: expected contiguous int32 (layers, 2 + the most rows of a layer)")
         self.descs = (RowsDesc * len(layers))(*[RowsDesc.of(rows) for rows in layers])
         self.layers = layers  # keeps the rows alive while the C side holds their addresses
         self.times = torch.zeros((len(layers), 2), dtype=torch.float64)  # when each layer's input came, output left
         self.counts = torch.zeros((len(layers), 2), dtype=torch.int64)  # each layer's active neurons, cold ones
-        self.args = (self.descs, len(layers), WEIGHT_CODES[layers[0].weight_type], active_host.shape[-1],
-                     layers[0].d, ACT_CODES[act], threshold, x_host.data_ptr(), DTYPE_CODES[x_host.dtype],
-                     active_host.data_ptr(), y_host.data_ptr(), ready[0].data_ptr(), ready[1].data_ptr())
+        self.args = (self.descs, len(layers), WEIGHT_CODES[layers[0].weight_type], layers[0].d, ACT_CODES[act],
+                     threshold, x_host.data_ptr(), DTYPE_CODES[x_host.dtype], cold_list.data_ptr(), cold_list.shape[1],
+                     y_host.data_ptr(), ready[0].data_ptr(), ready[1].data_ptr())
+
+    @staticmethod
+    def list_of(rows: FFNRows, active: torch.Tensor) -> torch.Tensor:
+        """What the GPU writes into cold_list for one token's mask `active` (n_ff,) over these rows (the
+        reference of handoff.cu's send_to_host)."""
+        listed = active[rows.neuron_idx].nonzero().flatten()
+        head = torch.tensor([int(active.sum()), listed.numel()])
+        return torch.cat((head, listed)).int()
 
     def __call__(self, epoch: int, timeout_s: float) -> bool:
         """Runs the step whose flags carry `epoch`; False if an input flag did not come within timeout_s."""

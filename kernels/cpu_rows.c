@@ -231,7 +231,14 @@ static void to_float(const void* src, int type, int64_t n, float* dst) {
 }
 
 static void from_float(const float* src, int64_t n, int type, void* dst) {
-  for (int64_t i = 0; i < n; ++i) {
+  int64_t i = 0;
+#if defined(__F16C__)  // as in decode: the plain loop converts one element at a time
+  if (type == F16)
+    for (; i + 8 <= n; i += 8)
+      _mm_storeu_si128((__m128i*)((uint16_t*)dst + i),
+                       _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
+#endif
+  for (; i < n; ++i) {
     if (type == F32) {
       ((float*)dst)[i] = src[i];
     } else if (type == F16) {
@@ -244,11 +251,11 @@ static void from_float(const float* src, int64_t n, int type, void* dst) {
   }
 }
 
-// acc (T, d) += a[t] * the down row, for the tokens with a[t] != 0.
-static void add_row(const uint8_t* row, int wt, int d, const float* a, int T, float* acc) {
+// acc (T, d) += a[t] * the down row in columns [c0, c1) (c0 a multiple of 32), for the tokens with a[t] != 0.
+static void add_row(const uint8_t* row, int wt, int c0, int c1, int d, const float* a, int T, float* acc) {
   float buf[CHUNK];
-  for (int c = 0; c < d; c += CHUNK) {
-    const int len = d - c < CHUNK ? d - c : CHUNK;
+  for (int c = c0; c < c1; c += CHUNK) {
+    const int len = c1 - c < CHUNK ? c1 - c : CHUNK;
     const float* v = decode(row, wt, c, len, buf);
     for (int t = 0; t < T; ++t) {
       if (a[t] == 0.0f) continue;
@@ -318,7 +325,7 @@ void down(const uint8_t* down_rows, int64_t row_bytes, int wt, int64_t m, int d,
       const int64_t r = joined[i];
       float a[MAX_TOKENS];
       for (int t = 0; t < T; ++t) a[t] = h[t * m + r];
-      add_row(down_rows + r * row_bytes, wt, d, a, T, acc);
+      add_row(down_rows + r * row_bytes, wt, 0, d, d, a, T, acc);
     }
 #pragma omp barrier
     add_partials(partial, list.n, nt, T, d, y, F32);
@@ -354,7 +361,7 @@ static void row_ffn(const rows_desc* r, int wt, int64_t j, const uint8_t* next_g
     a[t] = active[t * n_ff + n] ? activation(g[t], u[t], act, threshold) : 0.0f;
     any |= a[t] != 0.0f;
   }
-  if (any) add_row(drow, wt, d, a, T, acc);
+  if (any) add_row(drow, wt, 0, d, d, a, T, acc);
 }
 
 // Scratch of ffn_region: scan (2 m int32: the row list), counts (a slot per thread), partial (threads x T x d).
@@ -416,49 +423,88 @@ static double now(void) {
 }
 
 // The CPU half of one decode step (one token). For each split layer l in order: wait until the GPU has written
-// x_host (d, type x_type) and active_host (n_ff bytes) and set x_ready[l] = epoch, compute the layer's cold rows
-// into y_host (same type), then set y_ready[l] = epoch (the GPU waits for it). times[2 l], times[2 l + 1]: when
-// the input was seen and the output published; counts[2 l], counts[2 l + 1]: active neurons of the layer, and
-// of them cold ones (the GPU hit rate, counted here rather than on the GPU's critical path).
-// Returns 0, or -1 if the GPU did not signal within timeout_s.
-int cold_step(const rows_desc* layers, int n_layers, int wt, int64_t n_ff, int d, int act, float threshold,
-              const void* x_host, int x_type, const uint8_t* active_host, void* y_host,
-              volatile int32_t* x_ready, volatile int32_t* y_ready, int32_t epoch, double timeout_s,
-              double* times, int64_t* counts, int n_threads) {
+// x_host (d, type x_type) and row l of cold_list and set x_ready[l] = epoch, compute the layer's listed cold rows
+// into y_host (same type), then set y_ready[l] = epoch (the GPU waits for it). cold_list (n_layers, list_len)
+// int32, written by handoff.cu send_to_host: per layer, its active neurons, the number n of its active cold
+// rows, then those rows (indices into the layer's rows, ascending). Only the first k = max(1, min(n, n_threads))
+// threads take part in a layer (the others go on to wait for the next one, so a late one must still find this
+// layer's list: one row per layer). Each computes the activations of its share of the listed rows (gate, up);
+// they meet once; then each adds every listed row's down row times its activation over its own slice of the
+// columns, in list order, and writes that slice of y (no partial sums to add up across threads, and y does not
+// depend on k); the last to finish raises the flag. times[2 l], times[2 l + 1]: when the input was seen and the
+// output published; counts[2 l], counts[2 l + 1]: the layer's active neurons and active cold rows (the GPU hit
+// rate). Returns 0, or -1 if the GPU did not signal within timeout_s.
+#define DOWN_AHEAD 8  // down rows whose column slice a thread prefetches ahead of its use
+
+int cold_step(const rows_desc* layers, int n_layers, int wt, int d, int act, float threshold, const void* x_host,
+              int x_type, const int32_t* cold_lists, int64_t list_len, void* y_host, volatile int32_t* x_ready,
+              volatile int32_t* y_ready, int32_t epoch, double timeout_s, double* times, int64_t* counts,
+              int n_threads) {
   int64_t max_m = 1;
   for (int l = 0; l < n_layers; ++l) max_m = layers[l].m > max_m ? layers[l].m : max_m;
-  scratch s = new_scratch(max_m, n_threads, 1, d);
-  float* x = malloc(d * sizeof(float));
-  volatile int timed_out = 0;
+  float* x = malloc((size_t)n_threads * d * sizeof(float));  // each thread's fp32 copy of x
+  float* y = malloc((size_t)n_threads * d * sizeof(float));  // each thread's sums (its slice of the columns)
+  float* acts = malloc(max_m * sizeof(float));  // the listed rows' activations, in list order
+  int32_t* met = calloc(2 * (size_t)n_layers, sizeof(int32_t));  // per layer: threads at the meeting, done
+  volatile int abort_step = 0;
 #pragma omp parallel num_threads(n_threads)
   {
-    const int tid = omp_get_thread_num();
-    for (int l = 0; l < n_layers; ++l) {
+    const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
+    float* my_x = x + (size_t)tid * d;
+    float* my_y = y + (size_t)tid * d;
+    for (int l = 0; l < n_layers && !abort_step; ++l) {
       const double t0 = now();
-      for (int spins = 0; x_ready[l] != epoch && !timed_out; ++spins) {
+      for (int spins = 0; x_ready[l] != epoch && !abort_step; ++spins) {
         _mm_pause();
-        if (tid == 0 && (spins & 1023) == 0 && now() - t0 > timeout_s) timed_out = 1;
+        if (tid == 0 && (spins & 1023) == 0 && now() - t0 > timeout_s) abort_step = 1;
       }
+      if (abort_step) break;
       __atomic_thread_fence(__ATOMIC_ACQUIRE);
-      if (tid == 0) {
-        times[2 * l] = now();
-        to_float(x_host, x_type, d, x);
+      const int32_t* cold_list = cold_lists + l * list_len;
+      const int64_t n_active = cold_list[0], n = cold_list[1];
+      const int32_t* listed = cold_list + 2;
+      const int k = n < 1 ? 1 : (n < nt ? (int)n : nt);
+      if (tid >= k) continue;
+      if (tid == 0) times[2 * l] = now();
+      const rows_desc* r = layers + l;
+      const int blocks = (d + 31) / 32;  // column slices start at multiples of 32 (GGUF blocks)
+      const int c0 = 32 * (blocks * tid / k), c1 = tid == k - 1 ? d : 32 * (blocks * (tid + 1) / k);
+      const int64_t b0 = element_offset(wt, c0), b1 = element_offset(wt, c1);
+      for (int64_t i = 0; i < n && i < DOWN_AHEAD; ++i) prefetch(r->down + listed[i] * r->row_bytes + b0, b1 - b0);
+      const int64_t i0 = n * tid / k, i1 = n * (tid + 1) / k;
+      if (i1 > i0) to_float(x_host, x_type, d, my_x);
+      for (int64_t i = i0; i < i1; ++i) {
+        const uint8_t* ahead[2] = {NULL, NULL};  // the next row's gate and up
+        if (i + 1 < i1) {
+          ahead[0] = r->gate + listed[i + 1] * r->row_bytes;
+          ahead[1] = r->up + listed[i + 1] * r->row_bytes;
+        }
+        float g, u;
+        gate_up_dots(r->gate + listed[i] * r->row_bytes, r->up + listed[i] * r->row_bytes, wt, my_x, d, 1, &g, &u,
+                     ahead, ahead[0] ? 2 : 0);
+        acts[i] = activation(g, u, act, threshold);
       }
-#pragma omp barrier
-      if (timed_out) break;  // every thread sees the same value after the barrier
-      const int64_t cold = ffn_region(layers + l, wt, active_host, n_ff, x, d, 1, act, threshold, &s, y_host,
-                                      x_type);
-      if (tid == 0) {
+      int32_t* arrived = met + 2 * l;
+      __atomic_add_fetch(arrived, 1, __ATOMIC_ACQ_REL);
+      while (__atomic_load_n(arrived, __ATOMIC_ACQUIRE) < k && !abort_step) _mm_pause();
+      if (abort_step) break;
+      memset(my_y + c0, 0, (size_t)(c1 - c0) * sizeof(float));
+      for (int64_t i = 0; i < n; ++i) {
+        if (i + DOWN_AHEAD < n) prefetch(r->down + listed[i + DOWN_AHEAD] * r->row_bytes + b0, b1 - b0);
+        if (acts[i] != 0.0f) add_row(r->down + listed[i] * r->row_bytes, wt, c0, c1, d, acts + i, 1, my_y);
+      }
+      from_float(my_y + c0, c1 - c0, x_type, (uint8_t*)y_host + element_offset(x_type, c0));
+      if (__atomic_add_fetch(arrived + 1, 1, __ATOMIC_ACQ_REL) == k) {  // the last one out publishes
+        counts[2 * l] = n_active;
+        counts[2 * l + 1] = n;
         __atomic_store_n(&y_ready[l], epoch, __ATOMIC_RELEASE);
         times[2 * l + 1] = now();
-        int64_t active = 0;  // the mask stays put until this layer's output is taken, which is now
-        for (int64_t n = 0; n < n_ff; ++n) active += active_host[n] != 0;
-        counts[2 * l] = active;
-        counts[2 * l + 1] = cold;
       }
     }
   }
+  free(met);
+  free(acts);
+  free(y);
   free(x);
-  free_scratch(&s);
-  return timed_out ? -1 : 0;
+  return abort_step ? -1 : 0;
 }

@@ -1,9 +1,10 @@
 // The GPU half of the decode-step hand-off (kernels/handoff.py): a split layer's input goes to pinned host
 // memory, which the GPU writes and reads directly (mapped, unified addressing), and flags in that memory
 // order the two sides: no host round trip, no extra launch, so the whole step stays one CUDA graph.
-// Compiled by CuPy's NVRTC behind common.cuh; no headers. One block of THREADS threads per launch.
+// Compiled by CuPy's NVRTC behind common.cuh; no headers. One block per launch.
 
 #define THREADS 1024
+#define FETCH_THREADS 256  // fetch_from_host's: it waits beside the hot rows, so it takes little of an SM
 
 // n bytes from src to dst by all threads, in 16-byte stores where both are aligned (few, large PCIe writes).
 __device__ __forceinline__ void copy_bytes(unsigned char* dst, const unsigned char* __restrict__ src, long long n) {
@@ -16,26 +17,77 @@ __device__ __forceinline__ void copy_bytes(unsigned char* dst, const unsigned ch
   for (long long i = done + threadIdx.x; i < n; i += THREADS) dst[i] = src[i];
 }
 
-// Copy x (x_bytes) and the active mask (mask_bytes) to the host, then set *x_ready = *epoch: the CPU starts
-// the layer's cold rows when it sees the flag.
+#define IDX_REGS 16  // cold rows per thread whose indices send_to_host holds in registers (m up to 16 K)
+
+// Copy x (x_bytes) to the host, and there into cold_list: the number of active neurons in mask (n_ff bools),
+// the number of the layer's m cold rows whose neuron (cold_idx) is active, then those rows' indices, ascending
+// (the CPU reads that instead of the mask: no scan over it and no meeting of its threads before they start);
+// then set *x_ready = *epoch: the CPU starts the layer's cold rows when it sees the flag. It runs while the hot
+// rows load the GPU's memory, so after the wait it reads in one round: x, the mask, and the mask at this thread's
+// cold rows, whose (constant) indices it loaded before the wait.
 extern "C" __global__ void __launch_bounds__(THREADS) send_to_host(
-    const unsigned char* __restrict__ x, long long x_bytes, const unsigned char* __restrict__ mask,
-    long long mask_bytes, unsigned char* x_host, unsigned char* mask_host, int* x_ready, const int* epoch) {
+    const unsigned char* __restrict__ x, long long x_bytes, const bool* __restrict__ mask, int n_ff,
+    const int* __restrict__ cold_idx, int m, unsigned char* x_host, int* cold_list, int* x_ready, const int* epoch) {
+  __shared__ int warp_sums[THREADS / 32], n_active;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  // this thread's slice of the cold rows, in order: [j0, j1)
+  const int per = (m + THREADS - 1) / THREADS, j0 = min(m, threadIdx.x * per), j1 = min(m, j0 + per);
+  int idx[IDX_REGS];
+#pragma unroll
+  for (int q = 0; q < IDX_REGS; ++q) idx[q] = j0 + q < j1 ? cold_idx[j0 + q] : 0;
   pdl_start();
+  const int step = *epoch;
+  if (threadIdx.x == 0) n_active = 0;
+  bool listed[IDX_REGS];  // loads first, all in flight together; used below
+#pragma unroll
+  for (int q = 0; q < IDX_REGS; ++q) listed[q] = j0 + q < j1 && mask[idx[q]];
+  int active = 0;
+  if (((unsigned long long)mask & 15) == 0) {  // bools are 0 or 1: set bits count them
+    for (int i = threadIdx.x * 16; i + 16 <= n_ff; i += THREADS * 16) {
+      const uint4 v = *reinterpret_cast<const uint4*>(mask + i);
+      active += __popc(v.x) + __popc(v.y) + __popc(v.z) + __popc(v.w);
+    }
+    for (int i = n_ff / 16 * 16 + threadIdx.x; i < n_ff; i += THREADS) active += mask[i];
+  } else {
+    for (int i = threadIdx.x; i < n_ff; i += THREADS) active += mask[i];
+  }
   copy_bytes(x_host, x, x_bytes);
-  copy_bytes(mask_host, mask, mask_bytes);
+  unsigned int on = 0;  // bit q: cold row j0 + q is active
+#pragma unroll
+  for (int q = 0; q < IDX_REGS; ++q) on |= (unsigned int)listed[q] << q;
+  int mine = __popc(on);
+  for (int j = j0 + IDX_REGS; j < j1; ++j) mine += mask[cold_idx[j]];  // slices longer than the registers
+  int before = mine;  // inclusive scan within the warp
+  for (int off = 1; off < 32; off <<= 1) {
+    const int v = __shfl_up_sync(0xffffffffu, before, off);
+    if (lane >= off) before += v;
+  }
+  if (lane == 31) warp_sums[warp] = before;
+  for (int off = 16; off > 0; off >>= 1) active += __shfl_xor_sync(0xffffffffu, active, off);
+  __syncthreads();
+  if (lane == 0) atomicAdd(&n_active, active);
+  before -= mine;  // exclusive, within the warp
+  for (int w = 0; w < warp; ++w) before += warp_sums[w];
+  for (; on; on &= on - 1) cold_list[2 + before++] = j0 + __ffs(on) - 1;
+  for (int j = j0 + IDX_REGS; j < j1; ++j)
+    if (mask[cold_idx[j]]) cold_list[2 + before++] = j;
+  __syncthreads();
+  if (threadIdx.x == THREADS - 1) {
+    cold_list[0] = n_active;
+    cold_list[1] = before;  // the last thread's end: all of them
+  }
   __threadfence_system();  // this thread's writes reach the host before the flag below
   __syncthreads();
-  if (threadIdx.x == 0) *(volatile int*)x_ready = *epoch;
+  if (threadIdx.x == 0) *(volatile int*)x_ready = step;
 }
 
-// Wait until the CPU sets *y_ready = *epoch (or timeout_ns passes: *error = 1), then out = y_gpu + y_host, plus
-// residual if not null (rounded as the torch ops round: residual + (y_gpu + y_host)). type: 0 fp32, 1 fp16,
-// 2 bf16 (of y_gpu, y_host, residual and out, d elements). Each thread reads 16 bytes of y_host at once where it
-// can (the reads cross PCIe: one round of them, not several).
-extern "C" __global__ void __launch_bounds__(THREADS) add_from_host(
-    const void* __restrict__ y_gpu, const void* y_host, const void* __restrict__ residual, void* __restrict__ out,
-    int d, int type, const int* y_ready, const int* epoch, int* error, long long timeout_ns) {
+// Wait until the CPU sets *y_ready = *epoch (or timeout_ns passes: *error = 1), then copy its result (n_bytes at
+// y_host) to y_cold on the GPU. Launched right after send_to_host, it waits beside the hot rows, so the reads
+// across PCIe (the flag, then the result) are off the GPU's path. Volatile reads: never a cached line of an
+// earlier layer's result.
+extern "C" __global__ void __launch_bounds__(FETCH_THREADS) fetch_from_host(
+    const unsigned char* y_host, unsigned char* __restrict__ y_cold, long long n_bytes, const int* y_ready,
+    const int* epoch, int* error, long long timeout_ns) {
   pdl_start();
   if (threadIdx.x == 0) {
     const int want = *epoch;
@@ -52,31 +104,35 @@ extern "C" __global__ void __launch_bounds__(THREADS) add_from_host(
     __threadfence_system();
   }
   __syncthreads();
-  const int per16 = type == 0 ? 4 : 8;  // elements in 16 bytes
-  const bool vector = d % per16 == 0 && ((unsigned long long)y_host & 15) == 0;
-  for (int i0 = threadIdx.x * per16; i0 < d; i0 += THREADS * per16) {
-    const int n = vector ? per16 : (d - i0 < per16 ? d - i0 : per16);
-    union { uint4 v; float f[4]; unsigned short h[8]; } host;
-    if (vector) {
-      const char* p = (const char*)y_host + (long long)i0 * (type == 0 ? 4 : 2);
+  long long done = 0;
+  if ((((unsigned long long)y_host | (unsigned long long)y_cold) & 15) == 0) {  // 16-byte reads: one round
+    done = n_bytes / 16 * 16;
+    for (long long i = threadIdx.x; i < n_bytes / 16; i += FETCH_THREADS) {
+      uint4 v;
       asm volatile("ld.volatile.v4.u32 {%0, %1, %2, %3}, [%4];"
-                   : "=r"(host.v.x), "=r"(host.v.y), "=r"(host.v.z), "=r"(host.v.w) : "l"(p));
-    } else {
-      for (int k = 0; k < n; ++k) {
-        if (type == 0) host.f[k] = ((const volatile float*)y_host)[i0 + k];
-        else host.h[k] = ((const volatile unsigned short*)y_host)[i0 + k];
-      }
+                   : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(y_host + 16 * i));
+      reinterpret_cast<uint4*>(y_cold)[i] = v;
     }
-    for (int k = 0; k < n; ++k) {
-      const int i = i0 + k;
-      if (type == 0) {
-        const float s = ((const float*)y_gpu)[i] + host.f[k];
-        ((float*)out)[i] = residual ? ((const float*)residual)[i] + s : s;
-      } else {
-        float s = from_half(((const unsigned short*)y_gpu)[i], type) + from_half(host.h[k], type);
-        if (residual) s = from_half(((const unsigned short*)residual)[i], type) + from_half(to_half(s, type), type);
-        ((unsigned short*)out)[i] = to_half(s, type);
-      }
+  }
+  for (long long i = done + threadIdx.x; i < n_bytes; i += FETCH_THREADS)
+    y_cold[i] = ((const volatile unsigned char*)y_host)[i];
+}
+
+// out = y_gpu + y_cold, plus residual if not null (rounded as the torch ops round: residual + (y_gpu + y_cold)).
+// type: 0 fp32, 1 fp16, 2 bf16 (of y_gpu, y_cold, residual and out, d elements).
+extern "C" __global__ void __launch_bounds__(THREADS) add_parts(
+    const void* __restrict__ y_gpu, const void* __restrict__ y_cold, const void* __restrict__ residual,
+    void* __restrict__ out, int d, int type) {
+  pdl_start();
+  for (int i = threadIdx.x; i < d; i += THREADS) {
+    if (type == 0) {
+      const float s = ((const float*)y_gpu)[i] + ((const float*)y_cold)[i];
+      ((float*)out)[i] = residual ? ((const float*)residual)[i] + s : s;
+    } else {
+      const unsigned short* gpu = (const unsigned short*)y_gpu;
+      float s = from_half(gpu[i], type) + from_half(((const unsigned short*)y_cold)[i], type);
+      if (residual) s = from_half(((const unsigned short*)residual)[i], type) + from_half(to_half(s, type), type);
+      ((unsigned short*)out)[i] = to_half(s, type);
     }
   }
 }

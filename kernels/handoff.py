@@ -1,12 +1,13 @@
 """The GPU-CPU hand-off of a hybrid decode step, without the host in the GPU's way.
 
-Per split layer (`exchange`) the GPU writes the FFN input and the predictor's mask into pinned host memory and
-raises a flag there (send_to_host), runs its hot rows beside it, then waits on the GPU for the CPU's flag and adds
-the CPU's cold-row result and the residual (add_from_host). Meanwhile one host call (`run_cpu`, cold_step in
-cpu_rows.c) walks the layers: it spins on each input flag, computes the cold rows and raises the output flag.
-The flags carry a step number (`epoch`, counted on the GPU by `begin_step` and on the host by `run_cpu`), so a
-whole decode step is one CUDA graph replay plus one C call: no per-layer launch, event or Python on the
-critical path. Both waits give up after a timeout and say so rather than hang."""
+Per split layer (`exchange`) the GPU writes the FFN input and the list of the layer's active cold rows (read off
+the predictor's mask) into pinned host memory and raises a flag there (send_to_host), then waits on the GPU for
+the CPU's flag and copies the CPU's cold-row result to the GPU (fetch_from_host), all beside its hot rows (on a
+side stream); once both are done it adds the two and the residual (add_parts). Meanwhile one host call
+(`run_cpu`, cold_step in cpu_rows.c) walks the layers: it spins on each input flag, computes the listed rows and
+raises the output flag. The flags carry a step number (`epoch`, counted on the GPU by `begin_step` and on the
+host by `run_cpu`), so a whole decode step is one CUDA graph replay plus one C call: no per-layer launch, event
+or Python on the critical path. Both waits give up after a timeout and say so rather than hang."""
 from __future__ import annotations
 
 import contextlib
@@ -21,6 +22,7 @@ from .cuda import compile_module, launch, ptr
 from .rows import DTYPE_CODES, FFNRows
 
 THREADS = 1024  # THREADS in handoff.cu
+FETCH_THREADS = 256  # FETCH_THREADS in handoff.cu
 TIMEOUT_S = 30.0  # either side waiting longer than this for the other gives up with an error
 
 
@@ -29,8 +31,8 @@ def _module():
     return compile_module("handoff.cu")
 
 
-def _launch(name: str, args, device: torch.device):
-    launch(_module().get_function(name), (1,), args, device, block=THREADS)
+def _launch(name: str, args, device: torch.device, block: int = THREADS):
+    launch(_module().get_function(name), (1,), args, device, block=block)
 
 
 class Handoff:
@@ -42,14 +44,18 @@ class Handoff:
         the neurons the step's split layers had active, and of them cold."""
         self.device = torch.device(device)
         self.x_host = torch.empty(dim, dtype=dtype, pin_memory=True)
-        self.active_host = torch.empty(n_ff, dtype=torch.bool, pin_memory=True)
+        # per layer: active neurons, active cold rows, their indices (send_to_host in handoff.cu, cold_step in
+        # cpu_rows.c)
+        self.cold_list = torch.empty((len(cold_layers), 2 + max(rows.m for rows in cold_layers)), dtype=torch.int32,
+                                     pin_memory=True)
+        self.cold_idx = [rows.neuron_idx.to(self.device, torch.int32) for rows in cold_layers]
         self.y_host = torch.empty(dim, dtype=dtype, pin_memory=True)
+        self.y_cold = torch.empty(dim, dtype=dtype, device=self.device)  # y_host copied to the GPU
         self.ready = torch.zeros((2, len(cold_layers)), dtype=torch.int32, pin_memory=True)  # input, output flags
         self.error = torch.zeros(1, dtype=torch.int32, pin_memory=True)
         self.epoch = torch.zeros(1, dtype=torch.int32, device=self.device)
         self.host_epoch = 0
-        self.cold_step = ColdStep(cold_layers, act, threshold, self.x_host, self.active_host, self.y_host,
-                                  self.ready)
+        self.cold_step = ColdStep(cold_layers, act, threshold, self.x_host, self.cold_list, self.y_host, self.ready)
         self.on_step = on_step
         self.engaged = False  # set while a decode step is traced for a graph: split FFNs then use the hand-off
         self.side = torch.cuda.Stream(self.device)  # the hot rows' (a parallel branch of the graph)
@@ -69,13 +75,14 @@ class Handoff:
 
     def exchange(self, slot: int, x: torch.Tensor, active: torch.Tensor, hot, residual=None) -> torch.Tensor:
         """GPU: layer `slot`'s FFN output plus residual (if given): hands the input x (1, dim) and mask
-        (1, n_ff) to the CPU on this stream, runs hot() (the GPU's rows, returning x's shape and dtype) on the
-        side stream meanwhile, then adds the CPU's result once its flag is up (rounded as
-        `residual + (hot() + cpu)` in torch). The hot rows run on the side stream so that send_to_host, a
-        programmatic dependent on this stream, is resident before the predictor ends and starts at once."""
+        (1, n_ff) to the CPU and fetches its result on this stream while hot() (the GPU's rows, returning x's
+        shape and dtype) runs on the side stream, then adds the two (rounded as `residual + (hot() + cpu)` in
+        torch). The hot rows go to the side stream so that send_to_host, a programmatic dependent on this
+        stream, is resident before the predictor ends and starts at once."""
         main = torch.cuda.current_stream(self.device)
         self.side.wait_stream(main)
         self._send(slot, x.contiguous(), active.contiguous())
+        self._fetch(slot)
         with torch.cuda.stream(self.side):
             y_gpu = hot().contiguous()
         main.wait_stream(self.side)
@@ -85,20 +92,22 @@ class Handoff:
                 raise ValueError(f"residual: expected {y_gpu.numel()} elements of {y_gpu.dtype}, got "
                                  f"{residual.numel()} of {residual.dtype}")
             residual = residual.contiguous()
-        return self._receive(slot, y_gpu, residual)
+        out = torch.empty_like(y_gpu)
+        _launch("add_parts", (ptr(y_gpu), ptr(self.y_cold), np.uint64(0) if residual is None else ptr(residual),
+                              ptr(out), np.int32(y_gpu.numel()), np.int32(DTYPE_CODES[y_gpu.dtype])), self.device)
+        return out
 
     def _send(self, slot, x, active):
-        _launch("send_to_host", (ptr(x), np.int64(x.numel() * x.element_size()), ptr(active),
-                                 np.int64(active.numel()), ptr(self.x_host), ptr(self.active_host),
-                                 ptr(self.ready[0, slot]), ptr(self.epoch)), self.device)
+        cold_idx = self.cold_idx[slot]
+        args = (ptr(x), np.int64(x.numel() * x.element_size()), ptr(active), np.int32(active.numel()),
+                ptr(cold_idx), np.int32(cold_idx.numel()), ptr(self.x_host), ptr(self.cold_list[slot]),
+                ptr(self.ready[0, slot]), ptr(self.epoch))
+        _launch("send_to_host", args, self.device)
 
-    def _receive(self, slot, y_gpu, residual):
-        out = torch.empty_like(y_gpu)
-        _launch("add_from_host", (ptr(y_gpu), ptr(self.y_host), np.uint64(0) if residual is None else ptr(residual),
-                                  ptr(out), np.int32(y_gpu.numel()), np.int32(DTYPE_CODES[y_gpu.dtype]),
-                                  ptr(self.ready[1, slot]), ptr(self.epoch), ptr(self.error),
-                                  np.int64(TIMEOUT_S * 1e9)), self.device)
-        return out
+    def _fetch(self, slot):
+        args = (ptr(self.y_host), ptr(self.y_cold), np.int64(self.y_host.numel() * self.y_host.element_size()),
+                ptr(self.ready[1, slot]), ptr(self.epoch), ptr(self.error), np.int64(TIMEOUT_S * 1e9))
+        _launch("fetch_from_host", args, self.device, FETCH_THREADS)
 
     def run_cpu(self):
         """Host: the CPU half of the step just launched (blocks until its last layer is done)."""

@@ -138,13 +138,15 @@ SMALL_BUFFERS_BYTES = 64 << 10  # static decode inputs, hit and kernel counters,
 
 
 def runtime_bytes(cfg: ModelConfig) -> int:
-    """The hybrid engine's own buffers: each layer's bool mask of GPU neurons, the decode attention's split
-    partials (kernels.decode), the one-token FFN's fp32 output sums (kernels.cuda, dim padded to 8, and a counter)
-    and the small tensors of a decode step; each rounded to the allocator's 512 B blocks."""
+    """The hybrid engine's own buffers: each layer's bool mask of GPU neurons and the hand-off's int32 indices of
+    its CPU neurons (kernels.Handoff; at most n_ff), the decode attention's split partials (kernels.decode), the
+    one-token FFN's fp32 output sums (kernels.cuda, dim padded to 8, and a counter) and the small tensors of a
+    decode step; each rounded to the allocator's 512 B blocks."""
     def blocks(n: int) -> int:
         return -(-n // 512) * 512
 
-    return (cfg.n_layers * blocks(cfg.n_ff) + attention_workspace_bytes(cfg.n_heads, cfg.head_dim)
+    return (cfg.n_layers * (blocks(cfg.n_ff) + blocks(4 * cfg.n_ff))
+            + attention_workspace_bytes(cfg.n_heads, cfg.head_dim)
             + blocks(4 * (-(-cfg.dim // 8) * 8 + 4)) + SMALL_BUFFERS_BYTES)
 
 

@@ -164,50 +164,71 @@ def test_cpu_any_thread_count_and_deterministic(threads, path, monkeypatch):
 
 
 @pytest.mark.skipif(not HAS_CC, reason="no C compiler (cc) on this machine")
+@pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("dtype,weight_type", [(torch.float16, "f16"), (torch.float32, "q8_0"),
                                                (torch.bfloat16, "bf16")])
-def test_cold_step_follows_the_flags_layer_by_layer(dtype, weight_type):
-    """A thread plays the GPU: it writes each layer's input, raises the input flag, waits for the output flag and
-    checks the result against float64 math, for several layers and two steps."""
+def test_cold_step_follows_the_flags_layer_by_layer(dtype, weight_type, threads):
+    """A thread plays the GPU: it writes each layer's input and list of active cold rows, raises the input flag,
+    waits for the output flag and checks the result against float64 math, for several layers and two steps;
+    the layers have none, one, or more active cold rows than threads."""
     import threading
     import time
 
-    d, n_ff, n_layers = 64, 96, 3
+    d, n_ff, n_layers = 64, 96, 4
     layers = [FFNRows.pack(*random_share(70, d, n_ff), "cpu", weight_type) for _ in range(n_layers)]
-    x_host, active_host, y_host = torch.empty(d, dtype=dtype), torch.empty(n_ff, dtype=torch.bool), torch.empty(d, dtype=dtype)
+    x_host, y_host = torch.empty(d, dtype=dtype), torch.empty(d, dtype=dtype)
+    cold_list = torch.empty((n_layers, 2 + 70), dtype=torch.int32)
     ready = torch.zeros((2, n_layers), dtype=torch.int32)
-    step = cpu.ColdStep(layers, "relu", 0.0, x_host, active_host, y_host, ready)
+    step = cpu.ColdStep(layers, "relu", 0.0, x_host, cold_list, y_host, ready)
     errors, counts = [], torch.zeros((n_layers, 2), dtype=torch.int64)
 
     def gpu(epoch):
         for slot, rows in enumerate(layers):
-            x, active = torch.randn(d).to(dtype), random_mask(1, n_ff, 0.4)[0]
-            counts[slot] = torch.stack((active.sum(), active[rows.neuron_idx].sum()))
+            x = torch.randn(d).to(dtype)
+            active = random_mask(1, n_ff, (0.0, 0.4, 0.0, 0.4)[slot])[0]
+            if slot == 2:  # one active cold row
+                active[rows.neuron_idx[5]] = True
+            listed = cpu.ColdStep.list_of(rows, active)
+            counts[slot] = listed[:2]
             x_host.copy_(x)
-            active_host.copy_(active)
+            cold_list[slot, : listed.numel()] = listed
             ready[0, slot] = epoch
             deadline = time.monotonic() + 10
             while int(ready[1, slot]) != epoch and time.monotonic() < deadline:
                 pass
             gate, up, down_t = (t.double() for t in rows.dense())
             ref = sparse_ffn_reference(x.double()[None], gate, up, down_t, rows.neuron_idx, active[None])[0]
-            errors.append(rel_err(y_host, ref))
+            errors.append(rel_err(y_host, ref) if ref.norm() > 0 else float(y_host.abs().max()))
 
-    for epoch in (1, 2):
-        thread = threading.Thread(target=gpu, args=(epoch,))
-        thread.start()
-        assert step(epoch, timeout_s=10.0)
-        thread.join()
+    default = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for epoch in (1, 2):
+            thread = threading.Thread(target=gpu, args=(epoch,))
+            thread.start()
+            assert step(epoch, timeout_s=10.0)
+            thread.join()
+    finally:
+        torch.set_num_threads(default)
     assert len(errors) == 2 * n_layers and max(errors) < 2 * F32_RTOL[dtype]
     assert (step.times[:, 1] >= step.times[:, 0]).all()
     assert torch.equal(step.counts, counts)  # active neurons, and of them cold ones, of the last step
+    assert counts[0, 1] == 0 and counts[2, 1] == 1 and counts[1, 1] > 3
+
+
+def test_cold_list_names_the_active_cold_rows():
+    rows = FFNRows.pack(*random_share(5, 8, 12), "cpu", "f32")
+    active = torch.zeros(12, dtype=torch.bool)
+    active[rows.neuron_idx[[1, 3]]] = True
+    active[[n for n in range(12) if n not in rows.neuron_idx.tolist()][0]] = True  # a hot one
+    assert cpu.ColdStep.list_of(rows, active).tolist() == [3, 2, 1, 3]
 
 
 @pytest.mark.skipif(not HAS_CC, reason="no C compiler (cc) on this machine")
 def test_cold_step_gives_up_when_no_input_comes():
     rows = FFNRows.pack(*random_share(8, 16, 8), "cpu", "f32")
     ready = torch.zeros((2, 1), dtype=torch.int32)
-    step = cpu.ColdStep([rows], "relu", 0.0, torch.empty(16), torch.empty(8, dtype=torch.bool), torch.empty(16),
+    step = cpu.ColdStep([rows], "relu", 0.0, torch.empty(16), torch.zeros((1, 10), dtype=torch.int32), torch.empty(16),
                         ready)
     assert not step(1, timeout_s=0.05)
     assert int(ready[1, 0]) == 0

@@ -5,6 +5,7 @@ import torch
 
 from kernels import FFNRows, sparse_ffn_reference
 from kernels.cases import random_mask, random_share
+from kernels.cpu import ColdStep
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 pytest.importorskip("cupy")
@@ -19,9 +20,9 @@ def rel_err(a, b):
     return ((a.double().cpu() - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-def make(dtype, n_layers=3, dim=D):
-    layers = [FFNRows.pack(*random_share(300, dim, N_FF, scale=0.1), "cpu", "f16") for _ in range(n_layers)]
-    return layers, Handoff(layers, dim, N_FF, dtype, "relu", 0.0, "cuda")
+def make(dtype, n_layers=3, dim=D, m=300, n_ff=N_FF):
+    layers = [FFNRows.pack(*random_share(m, dim, n_ff, scale=0.1), "cpu", "f16") for _ in range(n_layers)]
+    return layers, Handoff(layers, dim, n_ff, dtype, "relu", 0.0, "cuda")
 
 
 def expected(rows, x, active, y_gpu):
@@ -70,6 +71,24 @@ def test_eager_steps_add_the_cold_rows(dtype, dim, with_residual):
             cold = sum(int(m[0, rows.neuron_idx.cuda()].sum()) for rows, m in zip(layers, masks))
             assert steps[-1][1:] == (active, cold) and steps[-1][0] > 0
     assert handoff.host_epoch == int(handoff.epoch) == 2
+
+
+@pytest.mark.parametrize("m,n_ff,density", [(300, N_FF, 0.3), (2500, 4000, 0.3), (2500, 4000, 0.0),
+                                             (2500, 4000, 1.0), (17000, 20000, 0.3)])
+def test_send_lists_the_active_cold_rows(m, n_ff, density):
+    """send_to_host's list of each layer's active cold rows (several rows a thread when m > 1024, more than its
+    registers hold when m > 16 K) is the reference's, in every layer's row of the list."""
+    layers, handoff = make(torch.float16, m=m, n_ff=n_ff)
+    masks = [random_mask(1, n_ff, density).cuda() for _ in layers]
+    with handoff.engage(), handoff.cpu_alongside():
+        handoff.begin_step()
+        for slot, mask in enumerate(masks):
+            handoff.exchange(slot, torch.randn(1, D, device="cuda").half(), mask,
+                             lambda: torch.zeros(1, D, device="cuda").half())
+    torch.cuda.synchronize()
+    for slot, (rows, mask) in enumerate(zip(layers, masks)):
+        want = ColdStep.list_of(rows, mask[0].cpu())
+        assert torch.equal(handoff.cold_list[slot, : want.numel()], want)
 
 
 def test_graph_replays_take_new_inputs():
