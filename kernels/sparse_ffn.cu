@@ -557,14 +557,15 @@ __device__ __forceinline__ void load_quant_rows(const unsigned char* down, long 
 
 // partial[s, t, c] = sum over rows r of split s (ascending) with h[t, r] != 0 of h[t, r] * down[r, c].
 // Block (blockIdx.x, blockIdx.y = s) covers 256 columns; its 8 warps take 32-row groups in turn, read only the
-// rows some token needs (ballot over h), 8 rows in flight (4 for quantized rows), and add their sums in warp
-// order.
+// rows some token needs (ballot over h), several rows in flight (Q), and add their sums in warp order.
 template <int WT, int TT>
 __global__ void __launch_bounds__(256) down_partial(
     const unsigned char* __restrict__ down, long long row_bytes, int m, int d,
     const float* __restrict__ h, int T, int rows_per_split, float* __restrict__ partial, int* __restrict__ done,
     void* __restrict__ y, int out_type) {
-  constexpr int Q = Quant<WT>::BYTES > 0 ? 4 : 8;  // rows in flight per warp (quantized rows: the stage holds 4)
+  // rows in flight per warp: 4 quantized rows (the stage holds 4); 16 rows of 16-bit elements for one token, else
+  // 8 (their raw 16-byte loads stay in registers until used)
+  constexpr int Q = Quant<WT>::BYTES > 0 ? 4 : (TT == 1 && WT != F32 ? 16 : 8);
   __shared__ float red[(TT == 1 ? WARPS : TT) * 256];
   __shared__ __align__(16) unsigned char stage[WARPS][4 * 8 * Quant<WT>::BYTES + 16];
   pdl_start();
@@ -578,16 +579,9 @@ __global__ void __launch_bounds__(256) down_partial(
 #pragma unroll
     for (int k = 0; k < 8; ++k) acc[t][k] = 0.0f;
 
-  for (int base = r0 + warp * 32; base < r1; base += WARPS * 32) {
-    const int r = base + lane;
-    float hv[TT];
-    bool nz = false;
-#pragma unroll
-    for (int t = 0; t < TT; ++t) {
-      hv[t] = (t < T && r < r1) ? h[(long long)t * m + r] : 0.0f;
-      nz |= hv[t] != 0.0f;
-    }
-    unsigned int mask = __ballot_sync(FULL_MASK, nz);
+  // acc += the rows of the group at base that some token needs (mask, lane bits), Q at a time; hv: this lane's
+  // row's h for each token
+  auto add_group = [&](int base, const float* hv, unsigned int mask) {
     while (mask) {
       int lanes[Q];
 #pragma unroll
@@ -598,32 +592,50 @@ __global__ void __launch_bounds__(256) down_partial(
           mask &= mask - 1;
         }
       }
-      float v[Q][8];
+      auto add_row = [&](int q, const float* v) {
+#pragma unroll
+        for (int t = 0; t < TT; ++t) {
+          const float a = __shfl_sync(FULL_MASK, hv[t], lanes[q]);
+#pragma unroll
+          for (int k = 0; k < 8; ++k) acc[t][k] = fmaf(a, v[k], acc[t][k]);
+        }
+      };
       if constexpr (Quant<WT>::BYTES > 0) {
+        float v[Q][8];
         load_quant_rows<WT>(down, row_bytes, base, lanes, blockIdx.x * 256, c, d, stage[warp], lane, v);
+#pragma unroll
+        for (int q = 0; q < Q; ++q)
+          if (lanes[q] >= 0) add_row(q, v[q]);
       } else {
+        typename Row<WT>::Raw raw[Q];
+#pragma unroll
+        for (int q = 0; q < Q; ++q)
+          if (lanes[q] >= 0 && col_ok) raw[q] = Row<WT>::raw8(down + (long long)(base + lanes[q]) * row_bytes, c);
 #pragma unroll
         for (int q = 0; q < Q; ++q) {
-          if (lanes[q] >= 0 && col_ok) {
-            Row<WT>::load8(down + (long long)(base + lanes[q]) * row_bytes, c, v[q]);
-          } else {
-#pragma unroll
-            for (int k = 0; k < 8; ++k) v[q][k] = 0.0f;
-          }
-        }
-      }
-#pragma unroll
-      for (int q = 0; q < Q; ++q) {
-        if (lanes[q] >= 0) {
-#pragma unroll
-          for (int t = 0; t < TT; ++t) {
-            const float a = __shfl_sync(FULL_MASK, hv[t], lanes[q]);
-#pragma unroll
-            for (int k = 0; k < 8; ++k) acc[t][k] = fmaf(a, v[q][k], acc[t][k]);
+          if (lanes[q] >= 0) {
+            float v[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+            if (col_ok) Row<WT>::decode8(raw[q], v);
+            add_row(q, v);
           }
         }
       }
     }
+  };
+  // the warp's groups of 32 rows two at a time: both groups' h read in one round
+  for (int base = r0 + warp * 32; base < r1; base += 2 * WARPS * 32) {
+    const int base2 = base + WARPS * 32;
+    float hv[TT], hv2[TT];
+    bool nz = false, nz2 = false;
+#pragma unroll
+    for (int t = 0; t < TT; ++t) {
+      hv[t] = (t < T && base + lane < r1) ? h[(long long)t * m + base + lane] : 0.0f;
+      hv2[t] = (t < T && base2 + lane < r1) ? h[(long long)t * m + base2 + lane] : 0.0f;
+      nz |= hv[t] != 0.0f;
+      nz2 |= hv2[t] != 0.0f;
+    }
+    add_group(base, hv, __ballot_sync(FULL_MASK, nz));
+    add_group(base2, hv2, __ballot_sync(FULL_MASK, nz2));
   }
 
   if constexpr (TT == 1) {  // every warp's sums at once, then each column added up in warp order
