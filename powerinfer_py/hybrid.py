@@ -2,13 +2,14 @@
 computed at the same time from the same predictor mask, partial outputs added on the GPU.
 
 Decode steps traced for a CUDA graph go through a kernels.Handoff shared by the split layers
-(Handoff.exchange): the GPU hands x and the mask to pinned host memory and raises a flag, runs the hot rows
-beside it, and waits on the GPU for the CPU's flag before adding its result and the residual, while one host
-call computes every layer's cold rows as their flags come (generate.capture_decode). Other calls (prefill,
-eager decode) hand off per layer from the host: GPU: copy x and the mask to pinned host buffers (`send`),
-record an event, launch the hot rows (`gpu_part`) | CPU: wait for the event, compute the cold rows
-(`cpu_part`) | GPU: copy the cold result back, pinned and non-blocking, and add it (`receive`). The module
-keeps model.FeedForward's signature, so the model code does not change; kernels come from the `kernels` registry."""
+(Handoff.exchange): the GPU hands x and the list of active cold rows to pinned host memory and raises a flag,
+and beside its hot rows waits on the GPU for the CPU's flag and fetches the CPU's result, then adds both halves
+and the residual, while one host call computes every layer's cold rows as their flags come
+(generate.capture_decode). Other calls (prefill, eager decode) hand off per layer from the host: GPU: copy x
+and the mask to pinned host buffers (`send`), record an event, launch the hot rows (`gpu_part`) | CPU: wait for
+the event, compute the cold rows (`cpu_part`) | GPU: copy the cold result back, pinned and non-blocking, and
+add it (`receive`). The module keeps model.FeedForward's signature, so the model code does not change; kernels
+come from the `kernels` registry."""
 from __future__ import annotations
 
 import time
@@ -47,7 +48,7 @@ class HostBuffers:
 class HybridCounters:
     """GPU hit rate (share of active neurons served on the GPU) and host time in cold-row compute. Sums counted
     on the GPU stay there until read (no synchronisation; captured in graphs); layers that hand off through a
-    kernels.Handoff are counted by its host side, which scans their masks anyway (no GPU work at all)."""
+    kernels.Handoff are counted by its host side, from the counts the GPU sends with each layer's list."""
 
     def __init__(self, device):
         self.gpu_counts = torch.zeros(2, dtype=torch.long, device=device)  # active neurons, of them on the GPU
