@@ -6,15 +6,25 @@
 #define THREADS 1024
 #define FETCH_THREADS 256  // fetch_from_host's: it waits beside the hot rows, so it takes little of an SM
 
-// n bytes from src to dst by all threads, in 16-byte stores where both are aligned (few, large PCIe writes).
-__device__ __forceinline__ void copy_bytes(unsigned char* dst, const unsigned char* __restrict__ src, long long n) {
+// n bytes from src to dst by all threads of the block, in 16-byte accesses where both are aligned (few, large
+// PCIe transfers). FRESH: volatile reads, never a cached line (host memory that the CPU rewrites).
+template <bool FRESH>
+__device__ __forceinline__ void copy_bytes(unsigned char* dst, const unsigned char* src, long long n) {
   long long done = 0;
   if ((((unsigned long long)dst | (unsigned long long)src) & 15) == 0) {
     done = n / 16 * 16;
-    for (long long i = threadIdx.x; i < n / 16; i += THREADS)
-      reinterpret_cast<uint4*>(dst)[i] = reinterpret_cast<const uint4*>(src)[i];
+    for (long long i = threadIdx.x; i < n / 16; i += blockDim.x) {
+      uint4 v;
+      if (FRESH)
+        asm volatile("ld.volatile.v4.u32 {%0, %1, %2, %3}, [%4];"
+                     : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(src + 16 * i));
+      else
+        v = reinterpret_cast<const uint4*>(src)[i];
+      reinterpret_cast<uint4*>(dst)[i] = v;
+    }
   }
-  for (long long i = done + threadIdx.x; i < n; i += THREADS) dst[i] = src[i];
+  for (long long i = done + threadIdx.x; i < n; i += blockDim.x)
+    dst[i] = FRESH ? ((const volatile unsigned char*)src)[i] : src[i];
 }
 
 #define IDX_REGS 16  // cold rows per thread whose indices send_to_host holds in registers (m up to 16 K)
@@ -51,7 +61,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) send_to_host(
   } else {
     for (int i = threadIdx.x; i < n_ff; i += THREADS) active += mask[i];
   }
-  copy_bytes(x_host, x, x_bytes);
+  copy_bytes<false>(x_host, x, x_bytes);
   unsigned int on = 0;  // bit q: cold row j0 + q is active
 #pragma unroll
   for (int q = 0; q < IDX_REGS; ++q) on |= (unsigned int)listed[q] << q;
@@ -104,18 +114,7 @@ extern "C" __global__ void __launch_bounds__(FETCH_THREADS) fetch_from_host(
     __threadfence_system();
   }
   __syncthreads();
-  long long done = 0;
-  if ((((unsigned long long)y_host | (unsigned long long)y_cold) & 15) == 0) {  // 16-byte reads: one round
-    done = n_bytes / 16 * 16;
-    for (long long i = threadIdx.x; i < n_bytes / 16; i += FETCH_THREADS) {
-      uint4 v;
-      asm volatile("ld.volatile.v4.u32 {%0, %1, %2, %3}, [%4];"
-                   : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(y_host + 16 * i));
-      reinterpret_cast<uint4*>(y_cold)[i] = v;
-    }
-  }
-  for (long long i = done + threadIdx.x; i < n_bytes; i += FETCH_THREADS)
-    y_cold[i] = ((const volatile unsigned char*)y_host)[i];
+  copy_bytes<true>(y_cold, y_host, n_bytes);
 }
 
 // out = y_gpu + y_cold, plus residual if not null (rounded as the torch ops round: residual + (y_gpu + y_cold)).
