@@ -40,11 +40,12 @@ ROWS_PER_CALL = 8  # distinct inputs per timed graph, so no call finds its rows 
 
 # ---------------------------------------------------------------- GPU
 
-def _capture(body):
+def _capture(body, warm_up=None):
+    """A CUDA graph of body(), after one warm-up run (body itself unless given) on a side stream."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        body()
+        (warm_up or body)()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -285,15 +286,12 @@ def handoff_bench(records, n_layers=32, reps=30):
         for slot, mask in enumerate(masks):
             handoff.exchange(slot, x, mask, hot.clone)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side), handoff.engage():
+    def warm_up():  # eagerly, so the CPU half runs beside it
         with handoff.cpu_alongside():
-            step()  # warm-up
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=side):
             step()
-    torch.cuda.current_stream().wait_stream(side)
+
+    with handoff.engage():
+        graph = _capture(step, warm_up)
     for n_active in (0, 3, 30, 300):
         for mask in masks:
             mask.zero_()
