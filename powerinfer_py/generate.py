@@ -1,6 +1,7 @@
 """Prefill + decode loop. On CUDA the decode step is captured in CUDA graphs (static token/position buffers;
 one graph per power-of-two bucket of attended cache length, masked), so a token costs one graph replay
-instead of hundreds of launches."""
+instead of hundreds of launches. Each graph ends by writing its argmax into the next step's inputs, so greedy
+decoding queues step N+1 before the host has read step N's token: the GPU never waits for sampling."""
 from __future__ import annotations
 
 import contextlib
@@ -59,7 +60,7 @@ class Generator:
         self.use_graph = use_cuda_graph and self.device.type == "cuda" and not host_steps
         if decode_kernels and self.device.type == "cuda":
             use_decode_kernels(model)
-        self.graphs = {}  # attended cache length -> replay function of its captured step
+        self.graphs = {}  # attended cache length -> its captured DecodeGraph
         # all GPU work on one stream of our own: graph capture needs a side stream, and every stream that runs a
         # matrix product holds a cuBLAS workspace (the VRAM ledger charges one)
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
@@ -100,16 +101,38 @@ class Generator:
         if not self.use_graph:
             t = torch.tensor([[token]], device=self.device)
             return self.model(t, torch.tensor([pos], device=self.device), kv_len=pos + 1)[0, -1]
+        self._set_inputs(token, pos)
+        return self._graph(pos)()[0, -1]
+
+    def _set_inputs(self, token: int, pos: int) -> None:
         if not self.graphs:
             self.static_token = torch.zeros((1, 1), dtype=torch.long, device=self.device)
             self.static_pos = torch.zeros((1,), dtype=torch.long, device=self.device)
+            # the argmax of the steps at even and odd positions (a step rewrites both slots, its own and the
+            # unchanged one of the step before, which the host may still be about to read)
+            self.argmax_ring = torch.zeros(2, dtype=torch.long, device=self.device)
+            self.argmax_host = torch.zeros(2, dtype=torch.long, pin_memory=True)
+            self.step_done = torch.cuda.Event()
             self.pool = torch.cuda.graph_pool_handle()  # graphs of all buckets share one memory pool
         self.static_token.fill_(token)
         self.static_pos.fill_(pos)
+
+    def _graph(self, pos: int) -> "DecodeGraph":
+        """The step graph for position `pos`, captured on first use (the static inputs must hold that step)."""
         kv_len = self._bucket(pos)
         if kv_len not in self.graphs:
-            self.graphs[kv_len] = capture_decode(self.model, self.static_token, self.static_pos, kv_len, self.pool)
-        return self.graphs[kv_len]()[0, -1]
+            self.graphs[kv_len] = capture_decode(self.model, self.static_token, self.static_pos, kv_len, self.pool,
+                                                 self._advance)
+        return self.graphs[kv_len]
+
+    def _advance(self, logits: torch.Tensor) -> None:
+        """GPU, at the end of each captured step: its argmax becomes the next step's token (and goes to the host's
+        ring slot of this position), the position moves on by one."""
+        token = torch.argmax(logits[0, -1]).view(1)
+        self.static_token.view(1).copy_(token)
+        self.argmax_ring.index_copy_(0, self.static_pos % 2, token)
+        self.argmax_host.copy_(self.argmax_ring, non_blocking=True)
+        self.static_pos.add_(1)
 
     @torch.inference_mode()
     def generate(self, prompt: list[int], max_new_tokens: int, params: SamplingParams | None = None,
@@ -134,24 +157,81 @@ class Generator:
         stats.prompt_seconds = time.perf_counter() - t0
         out = []
         t0 = time.perf_counter()
-        while True:
-            out.append(token)
-            history.append(token)
-            if on_token is not None:
-                on_token(token)
-            if token in eos_ids or len(out) >= max_new_tokens:
-                break
-            token = sampler(self._decode(token, len(history) - 1), history)
+        with contextlib.closing(self._tokens(token, history, sampler, max_new_tokens)) as tokens:
+            for token in tokens:
+                out.append(token)
+                if on_token is not None:
+                    on_token(token)
+                if token in eos_ids or len(out) >= max_new_tokens:
+                    break
         _sync(self.device)
         stats.generate_seconds = time.perf_counter() - t0
         stats.generated_tokens = len(out)
         return out, stats
 
+    def _tokens(self, token: int, history: list[int], sampler, max_new_tokens: int):
+        """The prefill's token, then each decode step's, computed when asked for: greedy ones on the GPU (see
+        _greedy_tokens), others by the sampler on the host."""
+        if self.use_graph and sampler.greedy:
+            yield from self._greedy_tokens(token, len(history), max_new_tokens)
+            return
+        while True:
+            yield token
+            history.append(token)
+            token = sampler(self._decode(token, len(history) - 1), history)
 
-def capture_decode(model, token, pos, kv_len: int, pool):
-    """A CUDA graph of one decode step; returns replay() -> logits. In a hybrid model the split FFNs hand off
-    through the model's kernels.Handoff (the GPU waits for the CPU on the GPU), so the step is still one graph,
-    and replay() runs the CPU half of the step while the graph runs.
+    def _greedy_tokens(self, token: int, pos: int, max_new_tokens: int):
+        """Greedy decoding from `token` (the prefill's, at `pos`) with one step always queued ahead: step N+1 (its
+        input is step N's argmax, on the GPU) is launched as soon as step N's CPU half is done, and only then
+        does the host wait for step N's token. A consumer that stops early (an end-of-sequence token) costs the
+        step already queued, which closing the generator runs out (its CPU half too)."""
+        queued = None
+        try:
+            for n in range(1, max_new_tokens):
+                yield token
+                if queued is None:  # the first step, or a step to capture (its warm-up needs host inputs)
+                    self._set_inputs(token, pos)
+                    queued = self._graph(pos)
+                    queued.launch()
+                step, queued = queued, None
+                step.finish()
+                self.step_done.record()
+                if n + 1 < max_new_tokens and self._bucket(pos + 1) in self.graphs:
+                    queued = self.graphs[self._bucket(pos + 1)]
+                    queued.launch()
+                self.step_done.synchronize()
+                token = int(self.argmax_host[pos % 2])
+                pos += 1
+            yield token
+        finally:
+            if queued is not None:
+                queued.finish()
+
+
+class DecodeGraph:
+    """One captured decode step. launch() queues it on the current stream; finish() runs its CPU half (in a
+    hybrid model: blocks until the step's last split layer is done) and returns its logits."""
+
+    def __init__(self, graph, handoff, logits):
+        self.graph, self.handoff, self.logits = graph, handoff, logits
+
+    def launch(self) -> None:
+        self.graph.replay()
+
+    def finish(self) -> torch.Tensor:
+        if self.handoff is not None:
+            self.handoff.run_cpu()
+        return self.logits
+
+    def __call__(self) -> torch.Tensor:
+        self.launch()
+        return self.finish()
+
+
+def capture_decode(model, token, pos, kv_len: int, pool, advance=None) -> DecodeGraph:
+    """A CUDA graph of one decode step, then advance(logits) if given (captured, not warmed up). In a hybrid
+    model the split FFNs hand off through the model's kernels.Handoff (the GPU waits for the CPU on the GPU), so
+    the step is still one graph, and its CPU half runs on the host while the graph runs.
     `token` and `pos` are the static inputs and must hold the step about to run: the warm-up runs that very
     step, so what it writes into the KV cache is what the replay writes."""
     handoff = getattr(model, "handoff", None)
@@ -168,11 +248,6 @@ def capture_decode(model, token, pos, kv_len: int, pool):
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=pool, stream=stream):
             logits = step()
-
-    def replay():
-        graph.replay()
-        if handoff is not None:
-            handoff.run_cpu()
-        return logits
-
-    return replay
+            if advance is not None:
+                advance(logits)
+    return DecodeGraph(graph, handoff, logits)

@@ -26,11 +26,16 @@ class Sampler:
         else:
             self.generator.seed()
 
+    @property
+    def greedy(self) -> bool:
+        """The next token is the argmax of the logits alone (no history, no randomness): the GPU can pick it."""
+        return self.p.temperature <= 0 and self.p.repetition_penalty == 1.0
+
     def __call__(self, logits: torch.Tensor, history: list[int]) -> int:
         """logits: (vocab,) for the next token; history: all tokens so far (prompt + generated)."""
         p = self.p
-        if p.temperature <= 0 and p.repetition_penalty == 1.0:
-            return int(torch.argmax(logits))  # greedy: no copy of the logits to the host
+        if self.greedy:
+            return int(torch.argmax(logits))  # no copy of the logits to the host
         logits = logits.float().cpu().clone()
         if p.repetition_penalty != 1.0 and history:
             recent = torch.tensor(sorted(set(history[-p.repeat_last_n:])), dtype=torch.long)

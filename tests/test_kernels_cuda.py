@@ -47,7 +47,9 @@ def test_ffn_matches_reference(weight_type, T, path, monkeypatch):
         h = torch.full((T, rows.m), float("nan"), device="cuda")
         sparse_gate_up(x, rows, active, act, threshold, out=h)
         h_ref = sparse_gate_up_reference(x.double(), gate, up, rows.neuron_idx, active, act, threshold)
-        assert rel_err(h, h_ref) < (DENSE_RTOL[weight_type] if dense else 2e-6), (act, density)
+        # a gate within rounding of the threshold may fall on either side of it in fp32
+        clear = (x.double() @ gate.T - threshold).abs() > 1e-3 if threshold else torch.ones_like(h, dtype=torch.bool)
+        assert rel_err(h[clear], h_ref[clear]) < (DENSE_RTOL[weight_type] if dense else 2e-6), (act, density)
         assert (h[~active[:, rows.neuron_idx]] == 0).all()
         y = torch.full((T, rows.d), float("nan"), device="cuda")
         sparse_down(h, rows, out=y)
