@@ -187,6 +187,21 @@ __global__ void rms_norm(const unsigned short* __restrict__ x, const unsigned sh
   rms_normalize<DT>(xs, nvec, d, weight, eps, reinterpret_cast<uint4*>(out + (size_t)blockIdx.x * d));
 }
 
+// model.rope_cos_sin for one position *pos: for j < hd/2, f = pos * inv_freq[j] (fp32), cos[j] = cos[j + hd/2] =
+// cos(f) * scale and sin[j + hd/2] = -sin[j] = sin(f) * scale, rounded to DT. One block of hd/2 threads.
+template <int DT>
+__global__ void rope_table(const float* __restrict__ inv_freq, float scale, const long long* __restrict__ pos,
+                           int half, unsigned short* __restrict__ cos_out, unsigned short* __restrict__ sin_out) {
+  const int j = threadIdx.x;
+  const float w = inv_freq[j];
+  pdl_start();
+  const float f = (float)*pos * w;
+  const float c = cosf(f) * scale, s = sinf(f) * scale;
+  cos_out[j] = cos_out[j + half] = from_f<DT>(c);
+  sin_out[j] = from_f<DT>(-s);
+  sin_out[j + half] = from_f<DT>(s);
+}
+
 // RoPE on one token's q and k heads and the cache write of k and v at position *pos. qkv: q (n_heads heads),
 // k, v (n_kv heads each) of head_dim hd; cos and sign-folded sin (hd) as model.apply_rope takes them:
 // out = round(round(x * cos) + roll(x, hd/2) * sin). Block b < n_heads: q head b into q_out; then the k heads,

@@ -7,9 +7,12 @@ RMSNorm written beside it, the threshold straight to a bool mask after fc2), RoP
 and attention over the cache up to the query's position (split over keys, the splits combined by the last block
 of each head). A stand-alone RMSNorm kernel serves the other norms (the output's, layers without a predictor).
 
-`use_decode_kernels(model)` switches a model's RMSNorm, Block and Predictor modules in place to subclasses that
-run these kernels for one-token CUDA steps in fp16/bf16; every other call (prefill, CPU, fp32) runs the
-model's own torch code, which is also what the tests compare the kernels with. CuPy is imported on first launch.
+RoPE's cos and sin for the step's position come from one more (the plain path computes them in ~10).
+
+`use_decode_kernels(model)` switches a model's RMSNorm, Block, Predictor and Transformer modules in place to
+subclasses that run these kernels for one-token CUDA steps in fp16/bf16; every other call (prefill, CPU, fp32)
+runs the model's own torch code, which is also what the tests compare the kernels with. CuPy is imported on
+first launch.
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from powerinfer_py.model import Block, Predictor, RMSNorm, apply_rope
+from powerinfer_py.model import Block, Predictor, RMSNorm, Transformer, apply_rope
 
 from .rows import DTYPE_CODES
 
@@ -50,7 +53,7 @@ def _module():
 
     names = [f"gemv<{dt},{e},{w},{norm}>" for dt in map(DTYPE_CODES.get, HALF_DTYPES) for e, norm in GEMV_VARIANTS
              for w in GEMV_WARPS_PER_ROW]
-    names += [f"{k}<{dt}>" for k in ("rms_norm", "rope_kv", "decode_attention")
+    names += [f"{k}<{dt}>" for k in ("rms_norm", "rope_table", "rope_kv", "decode_attention")
               for dt in map(DTYPE_CODES.get, HALF_DTYPES)]
     return compile_module("decode.cu", names)
 
@@ -114,6 +117,16 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 def rms_norm_reference(x, weight, eps):
     return F.rms_norm(x, (x.shape[-1],), eps=eps) * weight
+
+
+def rope_table(inv_freq: torch.Tensor, scale: float, pos: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """model.rope_cos_sin's (cos, sign-folded sin), (1, hd) each, for one position pos (a (1,) int64 tensor) in
+    one launch; inv_freq (hd/2,) fp32."""
+    half = inv_freq.numel()
+    cos, sin = torch.empty((2, 1, 2 * half), dtype=dtype, device=pos.device)
+    _launch(f"rope_table<{DTYPE_CODES[dtype]}>", (1,), half, (inv_freq, float(scale), pos, half, cos, sin),
+            pos.device)
+    return cos, sin
 
 
 def rope_kv(qkv, cos, sin, pos, k_cache, v_cache, n_heads: int) -> torch.Tensor:
@@ -235,11 +248,22 @@ class FusedPredictor(Predictor):
         return gemv(self.fc2.weight, hidden, "at_least", self.threshold).view(*p.shape[:-1], -1)
 
 
-FUSED = {RMSNorm: FusedRMSNorm, Block: FusedBlock, Predictor: FusedPredictor}
+class FusedTransformer(Transformer):
+    def rope(self, input_pos, dtype):
+        """One position: cos and sin in one launch (rope_cos_sin takes ~10 small kernels); dynamic NTK, whose
+        base grows with the position, stays on the model's code."""
+        if (input_pos.numel() != 1 or not input_pos.is_cuda or input_pos.dtype != torch.int64
+                or dtype not in HALF_DTYPES or (self.config.rope_scaling or {}).get("rope_type") == "dynamic"
+                or self.inv_freq.device != input_pos.device or self.config.head_dim > 1024):
+            return super().rope(input_pos, dtype)
+        return rope_table(self.inv_freq, self.rope_scale, input_pos, dtype)
+
+
+FUSED = {RMSNorm: FusedRMSNorm, Block: FusedBlock, Predictor: FusedPredictor, Transformer: FusedTransformer}
 
 
 def use_decode_kernels(model) -> int:
-    """Switch the model's RMSNorm, Block and Predictor modules to their fused subclasses, in place (same
+    """Switch the model's RMSNorm, Block, Predictor and Transformer modules to their fused subclasses, in place (same
     parameters, buffers and hooks); returns how many were switched. Modules added later (predictors attached
     after this call) keep their class."""
     switched = 0

@@ -280,11 +280,14 @@ class Transformer(nn.Module):
         """Token embeddings, RoPE cos/sin and, with the KV cache, the attention mask over it (key position <=
         query position, over the attended length), shared by all layers. No mask: no cache."""
         x = self.tok_embeddings(tokens)
-        cos, sin = rope_cos_sin(self.config, self.inv_freq, self.rope_scale, input_pos, x.dtype)
+        cos, sin = self.rope(input_pos, x.dtype)
         mask = None
         if use_cache:
             mask = torch.arange(kv_len or self.max_len, device=x.device)[None, :] <= input_pos[:, None]
         return x, cos, sin, mask
+
+    def rope(self, input_pos, dtype):
+        return rope_cos_sin(self.config, self.inv_freq, self.rope_scale, input_pos, dtype)
 
     def head(self, x):
         return self.output(self.norm(x)).float()

@@ -90,6 +90,28 @@ def test_rope_kv_matches_the_model(dtype, n_heads, n_kv, hd):
     assert torch.equal(k[:, :, untouched], k_want[:, :, untouched])
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rope_scaling", [None, {"rope_type": "linear", "factor": 2.0},
+                                          {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                           "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+                                          {"rope_type": "yarn", "factor": 4.0,
+                                           "original_max_position_embeddings": 2048}])
+@pytest.mark.parametrize("hd", [32, 64, 128])
+def test_rope_table_is_the_models(dtype, rope_scaling, hd):
+    """The one-launch cos and sin equal model.rope_cos_sin's bit for bit, at positions up to 100 K."""
+    from powerinfer_py.model import rope_cos_sin, rope_inv_freq
+
+    cfg = ModelConfig(vocab_size=8, dim=4 * hd, n_layers=1, n_heads=4, n_kv_heads=4, n_ff=8, head_dim=hd,
+                      rope_theta=500000.0, rope_scaling=rope_scaling)
+    inv_freq, scale = rope_inv_freq(cfg)
+    inv_freq = inv_freq.cuda()
+    for p in [0, 1, 17, 511, 4095, 8191, 100_000]:
+        pos = torch.tensor([p], device="cuda")
+        got = decode.rope_table(inv_freq, scale, pos, dtype)
+        want = rope_cos_sin(cfg, inv_freq, scale, pos, dtype)
+        assert all(torch.equal(g, w) for g, w in zip(got, want)), p
+
+
 def attention_float64(q, k, v, pos, n_heads):
     _, n_kv, _, hd = k.shape
     n = pos + 1
@@ -171,7 +193,7 @@ def test_model_decode_on_the_kernels_matches_torch(dtype):
         p.data.normal_(0, 0.05)
     fused = Transformer(cfg).to("cuda", dtype)
     fused.load_state_dict(plain.state_dict())
-    assert decode.use_decode_kernels(fused) == 3 * cfg.n_layers + 1
+    assert decode.use_decode_kernels(fused) == 3 * cfg.n_layers + 2  # a layer's 2 norms and block; norm; model
     prompt = [5, 17, 42, 7, 99]
     for use_graph in (False, True):
         want, _ = Generator(plain, 300, use_cuda_graph=use_graph, decode_kernels=False).generate(prompt, 40)
