@@ -188,12 +188,15 @@ __global__ void rms_norm(const unsigned short* __restrict__ x, const unsigned sh
 }
 
 // model.rope_cos_sin for one position *pos: for j < hd/2, f = pos * inv_freq[j] (fp32), cos[j] = cos[j + hd/2] =
-// cos(f) * scale and sin[j + hd/2] = -sin[j] = sin(f) * scale, rounded to DT. One block of hd/2 threads.
+// cos(f) * scale and sin[j + hd/2] = -sin[j] = sin(f) * scale, rounded to DT. inv_freq in freq_type (fp32 0,
+// fp16 1, bf16 2: a model moved to a half type carries it so). One block of hd/2 threads.
 template <int DT>
-__global__ void rope_table(const float* __restrict__ inv_freq, float scale, const long long* __restrict__ pos,
-                           int half, unsigned short* __restrict__ cos_out, unsigned short* __restrict__ sin_out) {
+__global__ void rope_table(const void* __restrict__ inv_freq, int freq_type, float scale,
+                           const long long* __restrict__ pos, int half, unsigned short* __restrict__ cos_out,
+                           unsigned short* __restrict__ sin_out) {
   const int j = threadIdx.x;
-  const float w = inv_freq[j];
+  const float w = freq_type == 0 ? ((const float*)inv_freq)[j]
+                                 : from_half(((const unsigned short*)inv_freq)[j], freq_type);
   pdl_start();
   const float f = (float)*pos * w;
   const float c = cosf(f) * scale, s = sinf(f) * scale;

@@ -121,11 +121,11 @@ def rms_norm_reference(x, weight, eps):
 
 def rope_table(inv_freq: torch.Tensor, scale: float, pos: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """model.rope_cos_sin's (cos, sign-folded sin), (1, hd) each, for one position pos (a (1,) int64 tensor) in
-    one launch; inv_freq (hd/2,) fp32."""
+    one launch; inv_freq (hd/2,) contiguous fp32, fp16 or bf16."""
     half = inv_freq.numel()
     cos, sin = torch.empty((2, 1, 2 * half), dtype=dtype, device=pos.device)
-    _launch(f"rope_table<{DTYPE_CODES[dtype]}>", (1,), half, (inv_freq, float(scale), pos, half, cos, sin),
-            pos.device)
+    _launch(f"rope_table<{DTYPE_CODES[dtype]}>", (1,), half,
+            (inv_freq, DTYPE_CODES[inv_freq.dtype], float(scale), pos, half, cos, sin), pos.device)
     return cos, sin
 
 
@@ -254,7 +254,8 @@ class FusedTransformer(Transformer):
         base grows with the position, stays on the model's code."""
         if (input_pos.numel() != 1 or not input_pos.is_cuda or input_pos.dtype != torch.int64
                 or dtype not in HALF_DTYPES or (self.config.rope_scaling or {}).get("rope_type") == "dynamic"
-                or self.inv_freq.device != input_pos.device or self.config.head_dim > 1024):
+                or self.inv_freq.device != input_pos.device or not self.inv_freq.is_contiguous()
+                or self.inv_freq.dtype not in DTYPE_CODES or self.config.head_dim > 1024):
             return super().rope(input_pos, dtype)
         return rope_table(self.inv_freq, self.rope_scale, input_pos, dtype)
 

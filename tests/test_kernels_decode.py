@@ -96,16 +96,17 @@ def test_rope_kv_matches_the_model(dtype, n_heads, n_kv, hd):
                                            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
                                           {"rope_type": "yarn", "factor": 4.0,
                                            "original_max_position_embeddings": 2048}])
-@pytest.mark.parametrize("hd", [32, 64, 128])
-def test_rope_table_is_the_models(dtype, rope_scaling, hd):
+@pytest.mark.parametrize("hd,theta", [(32, 10000.0), (64, 500000.0), (128, 10000.0)])
+@pytest.mark.parametrize("freq_dtype", ["fp32", "model's"])  # a model moved to fp16/bf16 moves inv_freq too
+def test_rope_table_is_the_models(dtype, rope_scaling, hd, theta, freq_dtype):
     """The one-launch cos and sin equal model.rope_cos_sin's bit for bit, at positions up to 100 K."""
     from powerinfer_py.model import rope_cos_sin, rope_inv_freq
 
     cfg = ModelConfig(vocab_size=8, dim=4 * hd, n_layers=1, n_heads=4, n_kv_heads=4, n_ff=8, head_dim=hd,
-                      rope_theta=500000.0, rope_scaling=rope_scaling)
+                      rope_theta=theta, rope_scaling=rope_scaling)
     inv_freq, scale = rope_inv_freq(cfg)
-    inv_freq = inv_freq.cuda()
-    for p in [0, 1, 17, 511, 4095, 8191, 100_000]:
+    inv_freq = inv_freq.to("cuda", torch.float32 if freq_dtype == "fp32" else dtype)
+    for p in [*range(0, 600, 7), 4095, 8191, 100_000]:
         pos = torch.tensor([p], device="cuda")
         got = decode.rope_table(inv_freq, scale, pos, dtype)
         want = rope_cos_sin(cfg, inv_freq, scale, pos, dtype)
