@@ -255,7 +255,7 @@ class FusedTransformer(Transformer):
         if (input_pos.numel() != 1 or not input_pos.is_cuda or input_pos.dtype != torch.int64
                 or dtype not in HALF_DTYPES or (self.config.rope_scaling or {}).get("rope_type") == "dynamic"
                 or self.inv_freq.device != input_pos.device or not self.inv_freq.is_contiguous()
-                or self.inv_freq.dtype not in DTYPE_CODES or self.config.head_dim > 1024):
+                or self.inv_freq.dtype not in DTYPE_CODES or self.inv_freq.numel() > 1024):  # a block's threads
             return super().rope(input_pos, dtype)
         return rope_table(self.inv_freq, self.rope_scale, input_pos, dtype)
 
