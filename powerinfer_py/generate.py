@@ -196,8 +196,8 @@ class Generator:
                 step, queued = queued, None
                 step.finish()
                 self.step_done.record()
-                if n + 1 < max_new_tokens and self._bucket(pos + 1) in self.graphs:
-                    queued = self.graphs[self._bucket(pos + 1)]
+                queued = self.graphs.get(self._bucket(pos + 1)) if n + 1 < max_new_tokens else None
+                if queued is not None:
                     queued.launch()
                 self.step_done.synchronize()
                 token = int(self.argmax_host[pos % 2])
