@@ -131,6 +131,8 @@ class Suite:
         self.results["rows"].append(row)
         self.save()
         speed = f"{row['decode_tps']:.2f} tok/s decode" if status == "ok" else f"{status}: {reason}"
+        if "overlap_decode_tps" in row:
+            speed += f" (strict bound {row['overlap_decode_tps']:.2f})"
         self.log(f"  {system:<12} {base['budget_label']:<32} {speed}")
 
     def measure(self, system: str, base: dict, fn, need: float) -> dict | None:

@@ -209,14 +209,17 @@ def cold_row_type(gpu_weight_type: str) -> str:
 
 
 def bound(problem, masks, bandwidths, cold_type: str) -> dict:
-    """The modelled decode speed of `masks`: per layer max(GPU bytes / GPU bandwidth, active cold bytes / CPU
-    bandwidth + hand-off), summed, plus the output head (solver.timing.TokenModel), with the cold rows read in
-    `cold_type` (the problem's time model is set to it)."""
+    """The modelled decode speed of `masks` (solver.timing.TokenModel), with the cold rows read in `cold_type`
+    (the problem's time model is set to it): in the engine's order, per layer its dense bytes / GPU bandwidth
+    + max(hot FFN bytes / GPU bandwidth, active cold bytes / CPU bandwidth + hand-off), summed, plus the output
+    head (decode_tps); and issue #7's stricter bound, per layer max(all its GPU bytes / GPU bandwidth, active
+    cold bytes / CPU bandwidth + hand-off) (overlap_decode_tps)."""
     per_neuron = FFNRows.bytes_per_neuron(problem.ledger.config.dim, cold_type, device="cpu")
     problem.timing = dataclasses.replace(problem.timing, cpu_bytes_per_neuron=per_neuron,
                                          cpu_s_per_neuron=per_neuron / bandwidths.cpu)
     placement = problem.placement(masks, "coverage", "given", None, 0.0)
     return {"decode_tps": placement.tokens_per_s, "token_time_s": placement.token_time_s,
+            "overlap_decode_tps": 1.0 / placement.overlap_token_time_s,
             "cold_row_type": cold_type, "modelled_hit_rate": placement.hit_rate,
             "cpu_bytes_per_token": float(placement.cpu_bytes_per_token.sum()),
             "layer_time_s": placement.layer_time_s.tolist()}

@@ -40,6 +40,7 @@ class Placement:
     layer_time_s: np.ndarray  # per layer: modelled dense + max(GPU FFN, CPU FFN + hand-off)
     hit_rate: float  # share of all activations the GPU serves
     token_time_s: float  # modelled decode time of one token
+    overlap_token_time_s: float  # the same with each layer's CPU half overlapping its dense part too (issue #7)
     ffn_bytes: int
     objective: str
     status: str  # optimal, time limit (CBC's incumbent), CBC failed (...) (the warm start), greedy
@@ -133,6 +134,8 @@ class PlacementProblem:
             cpu_bytes_per_token=cold / self.timing.tokens * self.timing.cpu_bytes_per_neuron,
             layer_time_s=times, hit_rate=float(gpu_counts.sum() / max(total.sum(), 1e-300)),
             token_time_s=float(times.sum() + self.timing.head_s),
+            overlap_token_time_s=float(self.timing.layer_times(hot, gpu_counts, cold, self.n_ff, overlap_dense=True)
+                                       .sum() + self.timing.head_s),
             ffn_bytes=int(hot.sum()) * self.ledger.ffn_bytes_per_neuron,
             objective=objective, status=status, gap=gap, solve_time_s=solve_time_s)
 

@@ -5,7 +5,9 @@ FFN splits: the GPU streams the rows of the hot neurons the predictor activates 
 activated cold rows and hands its result back. An activation count over `tokens` profiled tokens is a neuron's
 probability of being active, so each side's FFN bytes per token are its counts / tokens x bytes per neuron.
 The halves overlap, so a layer takes dense + max(GPU FFN time, CPU FFN time + hand-off); a layer whose neurons
-all live on the GPU has no CPU half and no hand-off. The output head runs on the GPU.
+all live on the GPU has no CPU half and no hand-off. The output head runs on the GPU. Issue #7 bounds a layer by
+max(all its GPU bytes / GPU bandwidth, CPU FFN time + hand-off) instead, as if the CPU could start with the
+layer: never slower, and the stricter yardstick for the engine (`overlap_dense`).
 """
 from __future__ import annotations
 
@@ -61,10 +63,15 @@ class TokenModel:
                    handoff_s=bandwidths.sync_s + handoff_bytes / bandwidths.pcie,
                    tokens=float(tokens))
 
-    def layer_times(self, hot: np.ndarray, hot_counts: np.ndarray, cold_counts: np.ndarray, n_ff: int) -> np.ndarray:
-        """Seconds per layer with `hot` neurons on the GPU serving hot_counts activations, cold_counts on the CPU."""
+    def layer_times(self, hot: np.ndarray, hot_counts: np.ndarray, cold_counts: np.ndarray, n_ff: int,
+                    overlap_dense: bool = False) -> np.ndarray:
+        """Seconds per layer with `hot` neurons on the GPU serving hot_counts activations, cold_counts on the CPU.
+        overlap_dense: the CPU half may also overlap the layer's dense part, max(all GPU bytes / GPU bandwidth,
+        CPU half + hand-off) (issue #7's bound; the engine cannot start the CPU before the predictor)."""
         gpu = hot_counts / self.tokens * self.gpu_s_per_neuron
         cpu = np.where(hot == n_ff, 0.0, cold_counts / self.tokens * self.cpu_s_per_neuron + self.handoff_s)
+        if overlap_dense:
+            return np.maximum(self.layer_dense_s + gpu, cpu)
         return self.layer_dense_s + np.maximum(gpu, cpu)
 
     @property

@@ -21,7 +21,7 @@ def part(name="llama2-7b"):
             "model": {"weights": "synthetic weights", "description": "A tiny model."}, "notes": ["a note"],
             "perplexity": {"documents": 3, "tokens": 100, "dense": 15.0, "dense_predicted": 15.1},
             "rows": [row("hybrid", "4 GiB", status="infeasible", reason="attention does not fit"),
-                     row("bound", "8 GiB", 40.0),
+                     row("bound", "8 GiB", 40.0, overlap_decode_tps=50.0),
                      row("hybrid", "8 GiB", 30.0, gpu_neuron_share=0.3, ppl=15.1),
                      row("layer_split", "8 GiB", 10.0), row("accelerate", "8 GiB", 1.0),
                      row("dense", "none", 100.0, budget=None)]}
@@ -31,6 +31,7 @@ def test_table_has_ratios_reasons_and_perplexity():
     table = part_table(part())
     line = next(line for line in table.splitlines() if line.startswith("| 8 GiB"))
     assert "30.0 (300)" in line and "3.00x" in line and "30.00x" in line and "0.75x" in line and "15.100" in line
+    assert "| 40.0 | 50.0 |" in line and "| 0.75x | 0.60x |" in line  # the modelled and the strict bound
     assert "| 30% |" in line
     assert "infeasible [2]" in table and "2. hybrid (this engine) at 4 GiB: infeasible: attention does not fit" in table
     assert "1. a note" in table and "dense 15.000" in table and "100.0 (1000)" in table
@@ -54,7 +55,18 @@ def test_target_checks():
     assert "hybrid >= 3x layer split: met (lowest 3.00x)" in table
     assert "hybrid >= 20x accelerate: met (lowest 30.00x)" in table
     assert "hybrid >= 70% of the bound: met (lowest 0.75x)" in table
+    assert "hybrid >= 70% of the strict bound: not met (lowest 0.60x)" in table
     assert "within 1% of dense at every budget: met (largest difference 0.67%)" in table
     assert "within 1% of the same predictors on one device at every budget: met (largest difference 0.00%)" in table
     smollm2 = part_table(part("relu-smollm2-135m"))
     assert "3x layer split" not in smollm2 and "70% of the bound" in smollm2
+
+
+def test_results_without_the_strict_bound():
+    """Results written before the strict bound existed: no number, no ratio and no check for it."""
+    old = part()
+    del old["rows"][1]["overlap_decode_tps"]
+    table = part_table(old)
+    line = next(line for line in table.splitlines() if line.startswith("| 8 GiB"))
+    assert "| 40.0 | – |" in line and line.endswith("| 0.75x | – | 15.100 |")
+    assert "strict bound" not in table.split("Targets")[1]

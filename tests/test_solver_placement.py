@@ -135,6 +135,9 @@ def test_statistics_of_any_masks():
     cold = np.array([c[~m].sum() for c, m in zip(counts, masks)])
     assert np.allclose(placement.cpu_bytes_per_token, cold / t.tokens * t.cpu_bytes_per_neuron)
     assert placement.layer_time_s[3] == t.layer_dense_s[3] + counts[3].sum() / t.tokens * t.gpu_s_per_neuron
+    strict = t.layer_times(placement.hot_neurons, counts.sum(1) - cold, cold, 32, overlap_dense=True)
+    assert placement.overlap_token_time_s == pytest.approx(strict.sum() + t.head_s)
+    assert placement.overlap_token_time_s <= placement.token_time_s
 
 
 def test_default_tokens_and_constraint():

@@ -31,6 +31,9 @@ def test_layer_times():
     dense = model.layer_dense_s
     assert times[0] == dense[0] + max(gpu[0], cpu[0]) and times[1] == dense[1] + max(gpu[1], cpu[1])
     assert times[2] == dense[2] + gpu[2]  # a layer wholly on the GPU has no CPU half and no hand-off
+    strict = model.layer_times(hot, hot_counts, cold_counts, CFG.n_ff, overlap_dense=True)
+    assert np.array_equal(strict, np.maximum(dense + gpu, np.where(hot == CFG.n_ff, 0.0, cpu)))
+    assert (strict <= times).all() and strict[2] == times[2]
 
 
 def test_min_gpu_neurons_is_the_papers_threshold():
