@@ -21,6 +21,13 @@ __device__ __forceinline__ float from_half(unsigned short b, int type) {
   return type == 1 ? half_to_float(b) : bf16_to_float(b);
 }
 
+// An fp32 sum s stored in a 16-bit type, plus residual *r of that type (r may be null): round(round(s) + r), as the
+// torch add of the rounded sum and the residual rounds.
+__device__ __forceinline__ unsigned short round_add(float s, const unsigned short* r, int type) {
+  const unsigned short b = to_half(s, type);
+  return r ? to_half(from_half(b, type) + from_half(*r, type), type) : b;
+}
+
 // Programmatic dependent launch: on sm_90+ kernels/cuda.py launches every kernel with programmatic stream
 // serialization, so a kernel's blocks may start while the kernel before it on the stream is still running.
 // Each kernel lets the next one start as soon as it has started itself (pdl_launch_next), and waits

@@ -167,8 +167,7 @@ __global__ void __launch_bounds__(256) gemv(const unsigned short* __restrict__ w
     if (lane || warp % WPR || row >= n) continue;
     if (EPI == AT_LEAST) reinterpret_cast<bool*>(out)[row] = round_f<DT>(acc) >= threshold;
     else if (EPI == RELU) reinterpret_cast<unsigned short*>(out)[row] = from_f<DT>(fmaxf(acc, 0.f));
-    else reinterpret_cast<unsigned short*>(out)[row] =
-        from_f<DT>(residual ? round_f<DT>(acc) + to_f<DT>(residual[row]) : acc);
+    else reinterpret_cast<unsigned short*>(out)[row] = round_add(acc, residual ? residual + row : nullptr, DT);
   }
 }
 

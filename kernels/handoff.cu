@@ -129,9 +129,8 @@ extern "C" __global__ void __launch_bounds__(THREADS) add_parts(
       ((float*)out)[i] = residual ? ((const float*)residual)[i] + s : s;
     } else {
       const unsigned short* gpu = (const unsigned short*)y_gpu;
-      float s = from_half(gpu[i], type) + from_half(((const unsigned short*)y_cold)[i], type);
-      if (residual) s = from_half(((const unsigned short*)residual)[i], type) + from_half(to_half(s, type), type);
-      ((unsigned short*)out)[i] = to_half(s, type);
+      const float s = from_half(gpu[i], type) + from_half(((const unsigned short*)y_cold)[i], type);
+      ((unsigned short*)out)[i] = round_add(s, residual ? (const unsigned short*)residual + i : nullptr, type);
     }
   }
 }

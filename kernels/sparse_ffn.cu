@@ -428,12 +428,8 @@ __device__ __forceinline__ void write_sums_if_last(float* acc, int* done, int d,
     if (out_type == 0) {
       reinterpret_cast<float*>(y)[c] = residual ? s + reinterpret_cast<const float*>(residual)[c] : s;
     } else {
-      unsigned short b = to_half(s, out_type);
-      if (residual) {
-        const unsigned short r = reinterpret_cast<const unsigned short*>(residual)[c];
-        b = to_half(from_half(b, out_type) + from_half(r, out_type), out_type);
-      }
-      reinterpret_cast<unsigned short*>(y)[c] = b;
+      const unsigned short* r = reinterpret_cast<const unsigned short*>(residual);
+      reinterpret_cast<unsigned short*>(y)[c] = round_add(s, r ? r + c : nullptr, out_type);
     }
   }
   if (threadIdx.x == 0) *done = 0;
