@@ -128,14 +128,14 @@ class PlacementProblem:
         total = self.prefix[:, -1]
         cold = total - gpu_counts
         times = self.timing.layer_times(hot, gpu_counts, cold, self.n_ff)
+        strict = self.timing.layer_times(hot, gpu_counts, cold, self.n_ff, overlap_dense=True)
         return Placement(
             gpu_masks=[torch.from_numpy(m) for m in masks], hot_neurons=hot,
             gpu_share=np.divide(gpu_counts, total, out=np.ones_like(total), where=total > 0),
             cpu_bytes_per_token=cold / self.timing.tokens * self.timing.cpu_bytes_per_neuron,
             layer_time_s=times, hit_rate=float(gpu_counts.sum() / max(total.sum(), 1e-300)),
             token_time_s=float(times.sum() + self.timing.head_s),
-            overlap_token_time_s=float(self.timing.layer_times(hot, gpu_counts, cold, self.n_ff, overlap_dense=True)
-                                       .sum() + self.timing.head_s),
+            overlap_token_time_s=float(strict.sum() + self.timing.head_s),
             ffn_bytes=int(hot.sum()) * self.ledger.ffn_bytes_per_neuron,
             objective=objective, status=status, gap=gap, solve_time_s=solve_time_s)
 
