@@ -233,8 +233,6 @@ def one_launch_sweep(timer, records):
 def decode_bench(timer, copy_bw, records):
     """kernels.decode (one token, fp16, 7B shapes) beside the torch ops they replace: the matrix-vector products
     of attention and predictor with their epilogues, RMSNorm, attention over a 512-position cache."""
-    import torch.nn.functional as F
-
     from . import decode
     d, n_ff, rank, max_len, n_heads, hd = 4096, 11008, 1024, 512, 32, 128
     for name, (n, k), epilogue in (("wqkv", (3 * d, d), "store"), ("wo", (d, d), "store"),
@@ -255,13 +253,15 @@ def decode_bench(timer, copy_bw, records):
         records.append(dict(device="gpu", shape="7B", weight_type="f16", density=1.0, T=1, impl=impl,
                             us=timer.seconds(step) * 1e6))
     k, v = (torch.randn(1, n_heads, max_len, hd, device="cuda", dtype=torch.float16) for _ in range(2))
-    q = torch.randn(n_heads * hd, device="cuda", dtype=torch.float16)
+    qkv = torch.randn(3 * n_heads * hd, device="cuda", dtype=torch.float16)
+    angles = torch.rand(1, hd // 2, device="cuda")
+    cos, sin = torch.cat((angles.cos(), angles.cos()), -1).half(), torch.cat((-angles.sin(), angles.sin()), -1).half()
     for pos in (100, 500):
         p = torch.tensor([pos], device="cuda")
-        mask = torch.arange(max_len, device="cuda")[None, :] <= p[:, None]
-        qh = q.view(1, n_heads, 1, hd)
-        for impl, step in (("decode_attention", lambda i: decode.decode_attention(q, k, v, p, n_heads)),
-                           ("torch SDPA, masked cache", lambda i: F.scaled_dot_product_attention(qh, k, v, mask))):
+        for impl, step in (("decode_attention (RoPE, KV write)",
+                            lambda i: decode.decode_attention(qkv, cos, sin, p, k, v, n_heads)),
+                           ("torch RoPE, KV write, SDPA",
+                            lambda i: decode.decode_attention_reference(qkv, cos, sin, p, k, v, n_heads))):
             records.append(dict(device="gpu", shape="7B", weight_type="f16", density=(pos + 1) / max_len, T=1,
                                 impl=f"{impl} (position {pos} of {max_len})", us=timer.seconds(step) * 1e6))
 

@@ -1,7 +1,7 @@
 // The dense half of a one-token decode step, fused (compiled by CuPy's NVRTC behind common.cuh; no headers):
-// matrix-vector products with their epilogue, RMSNorm, RoPE with the KV-cache write, and attention over the
-// cache. Elements are fp16 (DT 1) or bf16 (DT 2) stored as raw 16-bit words; every sum is fp32. Each kernel
-// rounds where the plain torch ops it replaces round (kernels/decode.py holds those references).
+// matrix-vector products with their epilogue, RMSNorm, RoPE's table, and attention over the cache with RoPE and
+// the KV-cache write. Elements are fp16 (DT 1) or bf16 (DT 2) stored as raw 16-bit words; every sum is fp32. Each
+// kernel rounds where the plain torch ops it replaces round (kernels/decode.py holds those references).
 
 #define FULL_MASK 0xffffffffu
 #define NEG_INF __int_as_float(0xff800000)
@@ -204,76 +204,100 @@ __global__ void rope_table(const void* __restrict__ inv_freq, int freq_type, flo
   sin_out[j + half] = from_f<DT>(s);
 }
 
-// RoPE on one token's q and k heads and the cache write of k and v at position *pos. qkv: q (n_heads heads),
-// k, v (n_kv heads each) of head_dim hd; cos and sign-folded sin (hd) as model.apply_rope takes them:
-// out = round(round(x * cos) + roll(x, hd/2) * sin). Block b < n_heads: q head b into q_out; then the k heads,
-// then the v heads (copied). hd threads a block.
+// RoPE on 8 elements of a head held by each thread of a group of G (elements 8 part..): their partners, hd/2
+// further (mod hd), are held by the thread G/2 apart, or for G == 1 by the thread itself. Rounded as
+// model.apply_rope rounds: round(round(x * cos) + partner * sin); c and s as model.rope_cos_sin gives them. Every
+// lane of the warp calls it (shuffles).
 template <int DT>
-__global__ void rope_kv(const unsigned short* __restrict__ qkv, const unsigned short* __restrict__ cos,
-                        const unsigned short* __restrict__ sin, const long long* __restrict__ pos, int n_heads,
-                        int n_kv, int hd, int max_len, unsigned short* __restrict__ q_out,
-                        unsigned short* __restrict__ k_cache, unsigned short* __restrict__ v_cache) {
-  pdl_start();
-  const int head = blockIdx.x, i = threadIdx.x;
-  const long long p = *pos;
-  const unsigned short* src = qkv + (size_t)head * hd;
-  if (head >= n_heads + n_kv) {
-    v_cache[((size_t)(head - n_heads - n_kv) * max_len + p) * hd + i] = src[i];
-    return;
+__device__ __forceinline__ void rope8(uint4 x, int G, uint4 c, uint4 s, float* out) {
+  uint4 y = make_uint4(x.z, x.w, x.x, x.y);
+  if (G > 1) {
+    y.x = __shfl_xor_sync(FULL_MASK, x.x, G / 2);
+    y.y = __shfl_xor_sync(FULL_MASK, x.y, G / 2);
+    y.z = __shfl_xor_sync(FULL_MASK, x.z, G / 2);
+    y.w = __shfl_xor_sync(FULL_MASK, x.w, G / 2);
   }
-  const float a = round_f<DT>(to_f<DT>(src[i]) * to_f<DT>(cos[i]));
-  const unsigned short r = from_f<DT>(a + to_f<DT>(src[(i + hd / 2) % hd]) * to_f<DT>(sin[i]));
-  if (head < n_heads) q_out[(size_t)head * hd + i] = r;
-  else k_cache[((size_t)(head - n_heads) * max_len + p) * hd + i] = r;
+  float xf[8], yf[8], cf[8], sf[8];
+  unpack8<DT>(x, xf);
+  unpack8<DT>(y, yf);
+  unpack8<DT>(c, cf);
+  unpack8<DT>(s, sf);
+#pragma unroll
+  for (int e = 0; e < 8; ++e) out[e] = round_f<DT>(round_f<DT>(xf[e] * cf[e]) + yf[e] * sf[e]);
 }
 
-// Attention of one query token over cache positions 0..*pos (keys at or before the query), for q (n_heads, hd)
-// and caches (n_kv, max_len, hd) (grouped-query heads share a kv head); hd = 8 G with G dividing 32. Grid
-// (n_heads, splits): block (h, s) takes keys [s * chunk, (s + 1) * chunk): its threads form groups of G, each
-// thread 8 elements of a key (one 16-byte load), each group a key at a time, ATT_UNROLL keys per group in
-// flight, their values loaded with them (one pass: each group keeps a running max, sum of exponentials and
-// weighted sum of values, rescaled as the max grows; the groups are then combined). A head's only block (keys
-// up to one chunk) writes out itself; otherwise each leaves its max score, sum of exponentials and
-// exponential-weighted sum of values in partial (n_heads, splits, hd + 2), and the head's last block to finish
-// (counted in counters[h], which it sets back to 0) combines them in split order into out (n_heads, hd).
-// Dynamic shared memory: (blockDim / G) * (hd + 2) floats.
+// Attention of one query token over cache positions 0..*pos (keys at or before the query), with RoPE on its q and
+// k and the cache write of its k and v at *pos. qkv: q (n_heads heads), k, v (n_kv heads each) of head_dim hd =
+// 8 G with G dividing 32, as wqkv writes them; caches (n_kv, max_len, hd) (grouped-query heads share a kv head);
+// cos and sign-folded sin (hd) as model.apply_rope takes them. Grid (n_heads, splits): block (h, s) takes keys
+// [s * chunk, (s + 1) * chunk): its threads form groups of G, each thread 8 elements of a key (one 16-byte load),
+// each group a key at a time, ATT_UNROLL keys per group in flight, their values loaded with them (one pass: each
+// group keeps a running max, sum of exponentials and weighted sum of values, rescaled as the max grows; the
+// groups are then combined). *pos and the keys and values before it were written by earlier launches that have
+// ended (a decode step ends in torch ops, which do not overlap the next step's kernels), so each block loads its
+// first ATT_UNROLL keys a group before it waits for wqkv. The key at *pos never comes from the cache: the blocks
+// that take it compute it from qkv, and those of each kv head's first query head write it there.
 #define ATT_UNROLL 4
 template <int DT>
-__global__ void decode_attention(const unsigned short* __restrict__ q, const unsigned short* __restrict__ k_cache,
-                                 const unsigned short* __restrict__ v_cache, const long long* __restrict__ pos,
+__global__ void decode_attention(const unsigned short* __restrict__ qkv, const unsigned short* __restrict__ cos,
+                                 const unsigned short* __restrict__ sin, const long long* __restrict__ pos,
                                  int n_heads, int n_kv, int hd, int max_len, int chunk, float scale,
-                                 float* __restrict__ partial, int* __restrict__ counters,
-                                 unsigned short* __restrict__ out) {
+                                 float* __restrict__ partial, int* __restrict__ counters, unsigned short* k_cache,
+                                 unsigned short* v_cache, unsigned short* __restrict__ out) {
   extern __shared__ float smem[];
   __shared__ bool last;
-  pdl_start();
+  pdl_launch_next();
   const int h = blockIdx.x, s = blockIdx.y, splits = gridDim.y;
-  const int n_keys = (int)*pos + 1;
+  const int p = (int)*pos, n_keys = p + 1;
   const int used = (n_keys + chunk - 1) / chunk;
-  if (s >= used) return;
+  if (s >= used) {
+    pdl_wait();  // every block waits before it exits
+    return;
+  }
   const int G = hd / 8, groups = blockDim.x / G, grp = threadIdx.x / G, part = threadIdx.x % G;
   float* sums = smem;                 // groups x hd: each group's weighted values
   float* group_max = smem + groups * hd;
   float* group_sum = group_max + groups;
-  const int start = s * chunk, n = min(chunk, n_keys - start);
-  const size_t first = ((size_t)(h / (n_heads / n_kv)) * max_len + start) * G + part;  // in 16-byte vectors
+  const int kv_head = h / (n_heads / n_kv), start = s * chunk, n = min(chunk, n_keys - start);
+  const int new_key = p - start;  // among the block's keys if below n
+  const size_t first = ((size_t)kv_head * max_len + start) * G + part;  // in 16-byte vectors
   const uint4* kr = reinterpret_cast<const uint4*>(k_cache) + first;
   const uint4* vr = reinterpret_cast<const uint4*>(v_cache) + first;
-  float qv[8];
-  unpack8<DT>(__ldg(reinterpret_cast<const uint4*>(q + (size_t)h * hd) + part), qv);
+  uint4 kv[ATT_UNROLL], vv[ATT_UNROLL];
+  auto load = [&](int base) {
+#pragma unroll
+    for (int u = 0; u < ATT_UNROLL; ++u) {
+      const int j = base + u * groups + grp;
+      const bool cached = j < n && j != new_key;
+      kv[u] = cached ? __ldg(kr + (size_t)j * G) : make_uint4(0, 0, 0, 0);
+      vv[u] = cached ? __ldg(vr + (size_t)j * G) : make_uint4(0, 0, 0, 0);
+    }
+  };
+  load(0);
+  pdl_wait();
+  const uint4* heads = reinterpret_cast<const uint4*>(qkv) + part;
+  const uint4 c = __ldg(reinterpret_cast<const uint4*>(cos) + part);
+  const uint4 sn = __ldg(reinterpret_cast<const uint4*>(sin) + part);
+  const uint4 v_new = __ldg(heads + (size_t)(n_heads + n_kv + kv_head) * G);
+  float qv[8], k_roped[8];
+  rope8<DT>(__ldg(heads + (size_t)h * G), G, c, sn, qv);
+  rope8<DT>(__ldg(heads + (size_t)(n_heads + kv_head) * G), G, c, sn, k_roped);
+  const uint4 k_new = pack8<DT>(k_roped);
+  if (new_key < n && h % (n_heads / n_kv) == 0 && grp == 0) {
+    reinterpret_cast<uint4*>(k_cache)[first + (size_t)new_key * G] = k_new;
+    reinterpret_cast<uint4*>(v_cache)[first + (size_t)new_key * G] = v_new;
+  }
 #pragma unroll
   for (int e = 0; e < 8; ++e) qv[e] *= scale;
   float m = NEG_INF, l = 0.f, acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
   for (int base = 0; base < n; base += groups * ATT_UNROLL) {  // the same trips for every thread (shuffles)
-    uint4 kv[ATT_UNROLL], vv[ATT_UNROLL];
+    if (base) load(base);  // the first keys were loaded before the wait
 #pragma unroll
     for (int u = 0; u < ATT_UNROLL; ++u) {
-      const int j = base + u * groups + grp;
-      kv[u] = j < n ? __ldg(kr + (size_t)j * G) : make_uint4(0, 0, 0, 0);
-      vv[u] = j < n ? __ldg(vr + (size_t)j * G) : make_uint4(0, 0, 0, 0);
-    }
-#pragma unroll
-    for (int u = 0; u < ATT_UNROLL; ++u) {
+      if (base + u * groups + grp == new_key) {
+        kv[u] = k_new;
+        vv[u] = v_new;
+      }
       float kf[8], d = 0.f;
       unpack8<DT>(kv[u], kf);
 #pragma unroll

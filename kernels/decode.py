@@ -1,11 +1,12 @@
 """The dense half of a one-token decode step as fused CUDA kernels (kernels/decode.cu), with plain torch references.
 
 At 7B shapes a decode layer's attention, norms and predictor were ~25 small torch/cuBLAS kernels, each a few
-microseconds even when it moves little; here they are six: matrix-vector products with their prologue or
+microseconds even when it moves little; here they are five: matrix-vector products with their prologue or
 epilogue (the attention norm before wqkv, the residual after wo, ReLU after the predictor's fc1 with the FFN's
-RMSNorm written beside it, the threshold straight to a bool mask after fc2), RoPE fused with the KV-cache write,
-and attention over the cache up to the query's position (split over keys, the splits combined by the last block
-of each head). A stand-alone RMSNorm kernel serves the other norms (the output's, layers without a predictor).
+RMSNorm written beside it, the threshold straight to a bool mask after fc2), and attention over the cache up to
+the query's position with RoPE and the KV-cache write inside (split over keys, the splits combined by the last
+block of each head; the cached keys load while wqkv ends). A stand-alone RMSNorm kernel serves the other norms
+(the output's, layers without a predictor).
 
 RoPE's cos and sin for the step's position come from one more (the plain path computes them in ~10).
 
@@ -32,7 +33,9 @@ NORMS = {None: 0, "x": 1, "out": 2}  # decode.cu's NO_NORM, NORM_X, NORM_OUT
 # (epilogue, norm) pairs compiled: the plain products, wqkv (attention_norm first), the predictor's fc1 (ffn_norm
 # written beside it)
 GEMV_VARIANTS = [(e, 0) for e in EPILOGUES.values()] + [(EPILOGUES["store"], 1), (EPILOGUES["relu"], 2)]
-GEMV_WARPS_PER_ROW = (1, 2, 4, 8)  # compiled for; the fewest that still give every SM a few blocks
+# compiled for; gemv takes the fewest that still give every SM a block (7B's predictor fc1, 1024 x 4096: two, so
+# that its 256 blocks load every row before they wait)
+GEMV_WARPS_PER_ROW = (1, 2, 4, 8)
 GEMV_MAX_K = 16 << 10  # x is staged in shared memory: 2 bytes an element, 32 KB
 GEMV_BLOCKS_PER_SM = 2  # gemv's grid at most (its blocks loop over the rows); 2 of 256 threads fit an SM
 NORM_THREADS = 512
@@ -53,7 +56,7 @@ def _module():
 
     names = [f"gemv<{dt},{e},{w},{norm}>" for dt in map(DTYPE_CODES.get, HALF_DTYPES) for e, norm in GEMV_VARIANTS
              for w in GEMV_WARPS_PER_ROW]
-    names += [f"{k}<{dt}>" for k in ("rms_norm", "rope_table", "rope_kv", "decode_attention")
+    names += [f"{k}<{dt}>" for k in ("rms_norm", "rope_table", "decode_attention")
               for dt in map(DTYPE_CODES.get, HALF_DTYPES)]
     return compile_module("decode.cu", names)
 
@@ -84,7 +87,7 @@ def gemv(weight: torch.Tensor, x: torch.Tensor, epilogue: str = "store", thresho
     out = torch.empty(n, dtype=torch.bool if epilogue == "at_least" else x.dtype, device=x.device)
     normed = torch.empty_like(x) if side_norm is not None else None
     sms = sm_count(x.device.index)
-    wpr = next(w for w in GEMV_WARPS_PER_ROW if w == 8 or n * w // 8 >= 2 * sms)
+    wpr = next(w for w in GEMV_WARPS_PER_ROW if w == 8 or n * w // 8 >= sms)
     norm_weight, eps = norm or side_norm or (None, 0.0)
     variant = NORMS["x" if norm is not None else "out" if side_norm is not None else None]
     blocks = min(-(-n * wpr // 8), GEMV_BLOCKS_PER_SM * sms)
@@ -129,25 +132,6 @@ def rope_table(inv_freq: torch.Tensor, scale: float, pos: torch.Tensor, dtype) -
     return cos, sin
 
 
-def rope_kv(qkv, cos, sin, pos, k_cache, v_cache, n_heads: int) -> torch.Tensor:
-    """One token's q with RoPE applied (n_heads * hd,); k (with RoPE) and v written into the caches (1, n_kv,
-    max_len, hd) at position pos (a (1,) int64 tensor). cos and sin as model.rope_cos_sin gives them."""
-    _, n_kv, max_len, hd = k_cache.shape
-    q = torch.empty(n_heads * hd, dtype=qkv.dtype, device=qkv.device)
-    _launch(f"rope_kv<{DTYPE_CODES[qkv.dtype]}>", (n_heads + 2 * n_kv,), hd,
-            (qkv, cos, sin, pos, n_heads, n_kv, hd, max_len, q, k_cache, v_cache), qkv.device)
-    return q
-
-
-def rope_kv_reference(qkv, cos, sin, pos, k_cache, v_cache, n_heads: int):
-    _, n_kv, _, hd = k_cache.shape
-    q_dim, kv_dim = n_heads * hd, n_kv * hd
-    qk = apply_rope(qkv[: q_dim + kv_dim].view(-1, hd), cos.view(1, hd), sin.view(1, hd))
-    k_cache[0, :, pos] = qk[n_heads:].unsqueeze(1)
-    v_cache[0, :, pos] = qkv[q_dim + kv_dim:].view(n_kv, 1, hd)
-    return qk[:n_heads].reshape(-1)
-
-
 @functools.cache
 def _attention_workspace(device: torch.device, n_heads: int, head_dim: int):
     """Split partials and per-head counters (zero; the kernel leaves them zero), shared by a model's layers."""
@@ -161,23 +145,31 @@ def attention_splits(max_len: int) -> tuple[int, int]:
     return splits, -(-max_len // splits)
 
 
-def decode_attention(q, k_cache, v_cache, pos, n_heads: int) -> torch.Tensor:
-    """Softmax attention (scale 1/sqrt(hd)) of one query (n_heads * hd,) over cache positions 0..pos, caches
-    (1, n_kv, max_len, hd) with hd in ATTENTION_HEAD_DIMS; returns (n_heads * hd,)."""
+def decode_attention(qkv, cos, sin, pos, k_cache, v_cache, n_heads: int) -> torch.Tensor:
+    """Softmax attention (scale 1/sqrt(hd)) of one token over cache positions 0..pos (a (1,) int64 tensor), with
+    RoPE on its q and k: qkv holds the token's q (n_heads heads), k and v (n_kv heads each) as wqkv gives them;
+    k (with RoPE) and v are written into the caches (1, n_kv, max_len, hd), hd in ATTENTION_HEAD_DIMS, at pos.
+    cos and sin as model.rope_cos_sin gives them. Returns (n_heads * hd,). The kernel reads the keys before pos
+    ahead of the kernel before it ending, so calls at successive positions must have a torch op between them (as
+    decode steps do)."""
     _, n_kv, max_len, hd = k_cache.shape
     splits, chunk = attention_splits(max_len)
-    partial, counters = _attention_workspace(q.device, n_heads, hd)
-    out = torch.empty_like(q)
-    _launch(f"decode_attention<{DTYPE_CODES[q.dtype]}>", (n_heads, splits), ATTENTION_THREADS,
-            (q, k_cache, v_cache, pos, n_heads, n_kv, hd, max_len, chunk, float(hd ** -0.5), partial, counters, out),
-            q.device, shared_mem=4 * (hd + 2) * (ATTENTION_THREADS // (hd // 8)))
+    partial, counters = _attention_workspace(qkv.device, n_heads, hd)
+    out = torch.empty(n_heads * hd, dtype=qkv.dtype, device=qkv.device)
+    _launch(f"decode_attention<{DTYPE_CODES[qkv.dtype]}>", (n_heads, splits), ATTENTION_THREADS,
+            (qkv, cos, sin, pos, n_heads, n_kv, hd, max_len, chunk, float(hd ** -0.5), partial, counters, k_cache,
+             v_cache, out), qkv.device, shared_mem=4 * (hd + 2) * (ATTENTION_THREADS // (hd // 8)))
     return out
 
 
-def decode_attention_reference(q, k_cache, v_cache, pos, n_heads: int):
+def decode_attention_reference(qkv, cos, sin, pos, k_cache, v_cache, n_heads: int):
     _, n_kv, _, hd = k_cache.shape
+    q_dim, kv_dim = n_heads * hd, n_kv * hd
+    qk = apply_rope(qkv[: q_dim + kv_dim].view(-1, hd), cos.view(1, hd), sin.view(1, hd))
+    k_cache[0, :, pos] = qk[n_heads:].unsqueeze(1)
+    v_cache[0, :, pos] = qkv[q_dim + kv_dim:].view(n_kv, 1, hd)
     n = int(pos) + 1
-    y = F.scaled_dot_product_attention(q.view(1, n_heads, 1, hd), k_cache[:, :, :n], v_cache[:, :, :n],
+    y = F.scaled_dot_product_attention(qk[:n_heads].view(1, n_heads, 1, hd), k_cache[:, :, :n], v_cache[:, :, :n],
                                        enable_gqa=n_kv != n_heads)
     return y.reshape(-1)
 
@@ -205,18 +197,18 @@ class FusedRMSNorm(RMSNorm):
 
 class FusedBlock(Block):
     def attention_residual(self, x, cos, sin, input_pos, kv_len, mask=None):
-        """x + attention(attention_norm(x)) for one token in four kernels: attention_norm inside the wqkv product,
-        RoPE with the KV write, attention, and wo with the residual added."""
+        """x + attention(attention_norm(x)) for one token in three kernels: attention_norm inside the wqkv product,
+        attention with RoPE and the KV write, and wo with the residual added."""
         attn, cache, norm = self.attention, self.attention.kv_cache, self.attention_norm
         if (mask is None or x.numel() != x.shape[-1] or cache is None
                 or not _fits(x, attn.wqkv.weight, attn.wo.weight, norm.weight, cos, sin)
                 or not _gemv_fits(x, attn.wqkv.weight) or not _gemv_fits(x, attn.wo.weight)
                 or cache.k.shape[0] != 1 or cache.k.dtype != x.dtype or attn.head_dim not in ATTENTION_HEAD_DIMS
+                or cos.data_ptr() % 16 or sin.data_ptr() % 16
                 or input_pos.dtype != torch.int64):
             return super().attention_residual(x, cos, sin, input_pos, kv_len, mask)
         qkv = gemv(attn.wqkv.weight, x.view(-1), norm=(norm.weight, norm.eps))
-        q = rope_kv(qkv, cos, sin, input_pos, cache.k, cache.v, attn.n_heads)
-        y = decode_attention(q, cache.k, cache.v, input_pos, attn.n_heads)
+        y = decode_attention(qkv, cos, sin, input_pos, cache.k, cache.v, attn.n_heads)
         return gemv(attn.wo.weight, y, residual=x.view(-1)).view(x.shape)
 
     def ffn_inputs(self, h):

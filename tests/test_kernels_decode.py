@@ -72,25 +72,6 @@ def cache(n_kv, max_len, hd, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("n_heads,n_kv,hd", [(9, 3, 64), (32, 32, 128), (4, 1, 32)])
-def test_rope_kv_matches_the_model(dtype, n_heads, n_kv, hd):
-    max_len, pos = 50, torch.tensor([17], device="cuda")
-    qkv = torch.randn((n_heads + 2 * n_kv) * hd, device="cuda").to(dtype)
-    angles = torch.rand(hd // 2, device="cuda") * 6
-    cos = torch.cat((angles.cos(), angles.cos())).to(dtype).view(1, hd)
-    sin = torch.cat((-angles.sin(), angles.sin())).to(dtype).view(1, hd)
-    k, v = cache(n_kv, max_len, hd, dtype)
-    k_want, v_want = k.clone(), v.clone()
-    q = decode.rope_kv(qkv, cos, sin, pos, k, v, n_heads)
-    q_want = decode.rope_kv_reference(qkv, cos, sin, pos, k_want, v_want, n_heads)
-    tol = ULP[dtype] * 2 * qkv.abs().max().item()
-    assert (q - q_want).abs().max().item() <= tol
-    assert (k - k_want).abs().max().item() <= tol and torch.equal(v, v_want)
-    untouched = torch.arange(max_len, device="cuda") != 17
-    assert torch.equal(k[:, :, untouched], k_want[:, :, untouched])
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rope_scaling", [None, {"rope_type": "linear", "factor": 2.0},
                                           {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
@@ -123,21 +104,42 @@ def attention_float64(q, k, v, pos, n_heads):
     return (p @ v).reshape(-1)
 
 
+def rope_table(hd, dtype):
+    angles = torch.rand(hd // 2, device="cuda") * 6
+    cos = torch.cat((angles.cos(), angles.cos())).to(dtype).view(1, hd)
+    sin = torch.cat((-angles.sin(), angles.sin())).to(dtype).view(1, hd)
+    return cos, sin
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("n_heads,n_kv,hd", [(9, 3, 64), (32, 32, 128), (8, 1, 128), (4, 2, 32)])
+@pytest.mark.parametrize("n_heads,n_kv,hd", [(9, 3, 64), (32, 32, 128), (8, 1, 128), (4, 2, 32), (2, 2, 8),
+                                             (4, 1, 16)])
 @pytest.mark.parametrize("max_len", [100, 512, 4096])
 def test_decode_attention_matches_float64(dtype, n_heads, n_kv, hd, max_len):
+    """RoPE on q and k, the cache write and attention in one kernel, against the model's RoPE (the caches it
+    writes) and float64 attention over them."""
+    from powerinfer_py.model import apply_rope
+
     k, v = cache(n_kv, max_len, hd, dtype)
-    q = torch.randn(n_heads * hd, device="cuda").to(dtype)
-    # one split, several, the last position; again at earlier positions: the per-head counters start over
-    for pos in (0, 63, 64, 99, max_len - 1, 5):
+    k_want, v_want = k.clone(), v.clone()
+    # one split, several, the first key of a split, the last position; again at earlier positions: the per-head
+    # counters start over
+    for pos in (0, 63, 64, 99, 127, 128, max_len - 1, 5):
         if pos >= max_len:
             continue
+        qkv = torch.randn((n_heads + 2 * n_kv) * hd, device="cuda").to(dtype)
+        cos, sin = rope_table(hd, dtype)
         p = torch.tensor([pos], device="cuda")
-        got = decode.decode_attention(q, k, v, p, n_heads)
+        got = decode.decode_attention(qkv, cos, sin, p, k, v, n_heads)
+        reference = decode.decode_attention_reference(qkv, cos, sin, p, k_want, v_want, n_heads)
+        tol = ULP[dtype] * 2 * qkv.abs().max().item()
+        assert (k - k_want).abs().max().item() <= tol and torch.equal(v, v_want), pos
+        untouched = torch.arange(max_len, device="cuda") != pos
+        assert torch.equal(k[:, :, untouched], k_want[:, :, untouched]), pos
+        q = apply_rope(qkv[: n_heads * hd].view(n_heads, hd), cos, sin).reshape(-1)
         want = attention_float64(q, k, v, pos, n_heads)
         assert rel_err(got, want) < 4 * ULP[dtype], pos
-        assert rel_err(decode.decode_attention_reference(q, k, v, p, n_heads), want) < 4 * ULP[dtype]
+        assert rel_err(reference, attention_float64(q, k_want, v_want, pos, n_heads)) < 4 * ULP[dtype]
 
 
 def test_attention_splits_cover_the_cache():
