@@ -104,7 +104,8 @@ def attention_float64(q, k, v, pos, n_heads):
     return (p @ v).reshape(-1)
 
 
-def rope_table(hd, dtype):
+def random_rope_table(hd, dtype):
+    """cos and sign-folded sin of random angles, as model.rope_cos_sin lays them out."""
     angles = torch.rand(hd // 2, device="cuda") * 6
     cos = torch.cat((angles.cos(), angles.cos())).to(dtype).view(1, hd)
     sin = torch.cat((-angles.sin(), angles.sin())).to(dtype).view(1, hd)
@@ -128,7 +129,7 @@ def test_decode_attention_matches_float64(dtype, n_heads, n_kv, hd, max_len):
         if pos >= max_len:
             continue
         qkv = torch.randn((n_heads + 2 * n_kv) * hd, device="cuda").to(dtype)
-        cos, sin = rope_table(hd, dtype)
+        cos, sin = random_rope_table(hd, dtype)
         p = torch.tensor([pos], device="cuda")
         got = decode.decode_attention(qkv, cos, sin, p, k, v, n_heads)
         reference = decode.decode_attention_reference(qkv, cos, sin, p, k_want, v_want, n_heads)
