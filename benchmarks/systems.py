@@ -71,7 +71,8 @@ def summarize(runs: list[dict], new: int) -> dict:
 def time_generator(model, prompt: list[int], time_box: float, use_graph: bool = True) -> dict:
     """The runtime's Generator (dense, layer split or hybrid)."""
     gen = Generator(model, CTX, use_cuda_graph=use_graph)
-    _, warm = gen.generate(prompt, WARMUP_TOKENS)
+    gen.generate(prompt, WARMUP_TOKENS)  # compiles the kernels and captures the decode graphs
+    _, warm = gen.generate(prompt, WARMUP_TOKENS)  # the speed estimate, without them (they take ~0.5 s)
     new = new_tokens(warm.prompt_seconds, warm.generate_seconds / (WARMUP_TOKENS - 1), time_box)
     runs = []
     for _ in range(REPEATS):

@@ -35,6 +35,30 @@ def test_new_tokens_fit_the_time_box():
     assert systems.new_tokens(prompt_s=5.0, token_s=2.0, time_box=3.0) == systems.MIN_NEW
 
 
+def test_timed_generations_are_sized_after_the_warm_up(monkeypatch):
+    """The first generation captures the decode graphs (slow); the length of the timed ones comes from a second,
+    so a fast model gets MAX_NEW tokens, not the few that the capture's time would allow."""
+    calls = []
+
+    class Stats:
+        def __init__(self, new, seconds_per_token):
+            self.prompt_tokens, self.prompt_seconds = 8, 0.01
+            self.generated_tokens, self.generate_seconds = new, (new - 1) * seconds_per_token
+
+    class FakeGenerator:
+        def __init__(self, model, max_len, use_cuda_graph=True):
+            pass
+
+        def generate(self, prompt, new):
+            calls.append(new)
+            return [], Stats(new, 0.5 if len(calls) == 1 else 0.001)
+
+    monkeypatch.setattr(systems, "Generator", FakeGenerator)
+    row = systems.time_generator(None, [1] * 8, time_box=3.0)
+    assert row["new_tokens"] == systems.MAX_NEW and calls[-systems.REPEATS:] == [systems.MAX_NEW] * systems.REPEATS
+    assert row["decode_tps"] == pytest.approx(1000)
+
+
 def test_bound_reads_cold_rows_in_the_given_layout():
     """All neurons cold and a slow CPU: the token time grows by the extra bytes of fp32 rows over f16 rows."""
     ledger = vram_ledger(CFG, "f16", "f16", 64, 1, [8] * CFG.n_layers, embeddings_on_gpu=True)
