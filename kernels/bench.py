@@ -254,10 +254,10 @@ def decode_bench(timer, copy_bw, records):
                             us=timer.seconds(step) * 1e6))
     k, v = (torch.randn(1, n_heads, max_len, hd, device="cuda", dtype=torch.float16) for _ in range(2))
     qkv = torch.randn(3 * n_heads * hd, device="cuda", dtype=torch.float16)
-    angles = torch.rand(1, hd // 2, device="cuda")
-    cos, sin = torch.cat((angles.cos(), angles.cos()), -1).half(), torch.cat((-angles.sin(), angles.sin()), -1).half()
+    inv_freq = 1.0 / 10000.0 ** (torch.arange(0, hd, 2, device="cuda") / hd)  # Llama-2's RoPE
     for pos in (100, 500):
         p = torch.tensor([pos], device="cuda")
+        cos, sin = decode.rope_table(inv_freq, 1.0, p, torch.float16)
         for impl, step in (("decode_attention (RoPE, KV write)",
                             lambda i: decode.decode_attention(qkv, cos, sin, p, k, v, n_heads)),
                            ("torch RoPE, KV write, SDPA",

@@ -163,13 +163,15 @@ def decode_attention(qkv, cos, sin, pos, k_cache, v_cache, n_heads: int) -> torc
 
 
 def decode_attention_reference(qkv, cos, sin, pos, k_cache, v_cache, n_heads: int):
-    _, n_kv, _, hd = k_cache.shape
+    """The model's plain ops: RoPE, the cache write, and SDPA over the cache masked past pos (no host read of pos,
+    so a CUDA graph can hold it, as kernels.bench times it)."""
+    _, n_kv, max_len, hd = k_cache.shape
     q_dim, kv_dim = n_heads * hd, n_kv * hd
     qk = apply_rope(qkv[: q_dim + kv_dim].view(-1, hd), cos.view(1, hd), sin.view(1, hd))
     k_cache[0, :, pos] = qk[n_heads:].unsqueeze(1)
     v_cache[0, :, pos] = qkv[q_dim + kv_dim:].view(n_kv, 1, hd)
-    n = int(pos) + 1
-    y = F.scaled_dot_product_attention(qk[:n_heads].view(1, n_heads, 1, hd), k_cache[:, :, :n], v_cache[:, :, :n],
+    mask = torch.arange(max_len, device=pos.device)[None, :] <= pos  # (1, max_len): one query
+    y = F.scaled_dot_product_attention(qk[:n_heads].view(1, n_heads, 1, hd), k_cache, v_cache, attn_mask=mask,
                                        enable_gqa=n_kv != n_heads)
     return y.reshape(-1)
 
