@@ -20,6 +20,7 @@ from powerinfer_py.generate import Generator
 COLD_RANGE = "hybrid.cold_rows"
 STEP_RANGE = "hybrid.cold_step"
 HANDOFF_KERNELS = ("send_to_host", "fetch_from_host", "add_parts")  # kernels/handoff.cu, in a layer's order
+HOT_KERNELS = ("gate_up", "ffn_one", "down")  # in the names of the hot rows' kernels (kernels/sparse_ffn.cu)
 
 
 def trace_decode_step(model, prompt: list[int], ctx: int, path: str) -> dict:
@@ -66,24 +67,31 @@ def trace_decode_step(model, prompt: list[int], ctx: int, path: str) -> dict:
 
 
 def overlap_summary(events: list[dict]) -> dict:
-    """Per split layer, in microseconds: CPU cold-row time, GPU hot-kernel busy time and span (the kernels that
-    start with or after the layer's send_to_host and end before its add_parts, other than the hand-off's own
-    send_to_host and fetch_from_host, which run beside them on the main stream), the time both ran at once, how
-    long the GPU waited for the CPU's result after its hot rows (fetch_from_host ending after them), and the
-    GPU-only time from the add to the next layer's send (attention, predictor)."""
+    """Per split layer, in microseconds: CPU cold-row time, GPU hot-kernel busy time and span (the hot rows'
+    kernels that end after the layer's send_to_host starts and by the end of the kernel that adds the halves:
+    add_parts, or the hot rows' last kernel where that adds them), the time both ran at once, how long the GPU
+    waited for the CPU's result after its hot rows (fetch_from_host ending after them; None where the hot rows'
+    last kernel waits for it inside), and the GPU-only time from the add to the next layer's send (attention,
+    predictor)."""
     spans = [e for e in events if e.get("ph") == "X"]
     cold = sorted((e["ts"], e["ts"] + e["dur"]) for e in spans if e.get("name") == COLD_RANGE)
     kernels = sorted((e["ts"], e["ts"] + e["dur"], e["name"]) for e in spans if e.get("cat") == "kernel")
     sends, fetches, adds = ([k for k in kernels if k[2] == name] for name in HANDOFF_KERNELS)
     layers = []
-    for i, ((c0, c1), send, fetch, add) in enumerate(zip(cold, sends, fetches, adds)):
-        hot = [k for k in kernels if send[0] <= k[0] and k[1] <= add[0] and k[2] not in HANDOFF_KERNELS]
+    for i, ((c0, c1), send, fetch) in enumerate(zip(cold, sends, fetches)):
+        nxt = sends[i + 1][0] if i + 1 < len(sends) else float("inf")
+        mine = [k for k in kernels if send[0] < k[1] <= nxt]
+        hot = [k for k in mine if any(name in k[2] for name in HOT_KERNELS) and k[2] not in HANDOFF_KERNELS]
+        add = next((k for k in adds if send[0] <= k[0] < nxt), None)
+        if add is not None:
+            hot = [k for k in hot if k[1] <= add[0]]
         hot_end = max((k[1] for k in hot), default=send[1])
+        done = add[1] if add is not None else hot_end
         layer = {"cpu_cold_us": c1 - c0, "gpu_hot_us": sum(k[1] - k[0] for k in hot), "gpu_hot_span_us": 0.0,
-                 "overlap_us": 0.0, "gpu_wait_us": max(0.0, fetch[1] - hot_end),
-                 "gpu_only_us": sends[i + 1][0] - add[1] if i + 1 < len(sends) else None}
+                 "overlap_us": 0.0, "gpu_wait_us": max(0.0, fetch[1] - hot_end) if add is not None else None,
+                 "gpu_only_us": nxt - done if i + 1 < len(sends) else None}
         if hot:
-            g0 = hot[0][0]
+            g0 = min(k[0] for k in hot)
             layer.update(gpu_hot_span_us=hot_end - g0, overlap_us=max(0.0, min(c1, hot_end) - max(c0, g0)))
         layers.append(layer)
     keys = ("cpu_cold_us", "gpu_hot_us", "gpu_hot_span_us", "overlap_us", "gpu_wait_us", "gpu_only_us")

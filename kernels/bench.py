@@ -271,7 +271,7 @@ def handoff_bench(records, n_layers=32, reps=30):
     host's cold_step), over n_layers of 7B's cold rows at 11.29 GiB (3633 f16 rows a layer) with no hot rows:
     time per layer from the GPU's input to the CPU's result added on the GPU, and the CPU's own time per layer
     (input seen to output published), at 0, 3, 30 and 300 active cold rows a layer (each layer its own rows)."""
-    from .handoff import Handoff
+    from .handoff import Handoff, given
     d, n_ff, m = 4096, 11008, 3633
     neuron_idx = torch.arange(m) * 3  # the cold share: every third neuron
     layers = [FFNRows(*(torch.empty(m, d, dtype=torch.float16).uniform_(-0.02, 0.02) for _ in range(3)), neuron_idx,
@@ -284,7 +284,7 @@ def handoff_bench(records, n_layers=32, reps=30):
     def step():
         handoff.begin_step()
         for slot, mask in enumerate(masks):
-            handoff.exchange(slot, x, mask, hot.clone)
+            handoff.exchange(slot, x, mask, given(hot))
 
     def warm_up():  # eagerly, so the CPU half runs beside it
         with handoff.cpu_alongside():

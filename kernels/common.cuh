@@ -28,6 +28,34 @@ __device__ __forceinline__ unsigned short round_add(float s, const unsigned shor
   return r ? to_half(from_half(b, type) + from_half(*r, type), type) : b;
 }
 
+// residual + (hot + cold) for one element of a 16-bit type, as the torch ops round it: the fp32 sum hot rounded
+// to the type, cold added and rounded, then *r (may be null) added and rounded.
+__device__ __forceinline__ unsigned short add_cold(float hot, unsigned short cold, const unsigned short* r, int type) {
+  return round_add(from_half(to_half(hot, type), type) + from_half(cold, type), r, type);
+}
+
+// Thread 0 of a block waits until *flag (read fresh) equals want, or sets *error = 1 after timeout_ns, and fences
+// (so that the block's reads after this come after the flag's, by the barrier; SYSTEM: a flag the CPU sets, else
+// one set on the GPU); the block then goes on.
+template <bool SYSTEM>
+__device__ __forceinline__ void wait_flag(const int* flag, int want, int* error, long long timeout_ns) {
+  if (threadIdx.x == 0) {
+    unsigned long long start, t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(start));
+    while (*(const volatile int*)flag != want) {
+      __nanosleep(100);
+      asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+      if (t - start > (unsigned long long)timeout_ns) {
+        *(volatile int*)error = 1;
+        break;
+      }
+    }
+    if (SYSTEM) __threadfence_system();
+    else __threadfence();
+  }
+  __syncthreads();
+}
+
 // Programmatic dependent launch: on sm_90+ kernels/cuda.py launches every kernel with programmatic stream
 // serialization, so a kernel's blocks may start while the kernel before it on the stream is still running.
 // Each kernel lets the next one start as soon as it has started itself (pdl_launch_next), and waits

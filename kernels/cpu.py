@@ -147,11 +147,13 @@ class CpuBackend(Backend):
                          active.shape[1], xf.data_ptr(), rows.d, T, ACT_CODES[act], threshold, h.data_ptr(),
                          int(full), _threads(rows.gate))
 
-    def ffn(self, x, rows: FFNRows, active, act, threshold, y, residual=None) -> bool:
+    def ffn(self, x, rows: FFNRows, active, act, threshold, y, residual=None, beside=None, cold=None) -> bool:
         """y = the rows' FFN output: one pass over each needed row (C kernels), or gate_up then down."""
         T = x.shape[0]
         if self.lib is None or T > NATIVE_MAX_TOKENS:
-            return super().ffn(x, rows, active, act, threshold, y)
+            return super().ffn(x, rows, active, act, threshold, y, residual, beside, cold)
+        if beside is not None:
+            beside(False)
         xf, active = x.float().contiguous(), active.contiguous()
         self.lib.ffn(rows.gate.data_ptr(), rows.up.data_ptr(), rows.down_t.data_ptr(), stride_bytes(rows.gate),
                      WEIGHT_CODES[rows.weight_type], rows.neuron_idx.data_ptr(), rows.m, active.data_ptr(),
@@ -159,16 +161,18 @@ class CpuBackend(Backend):
                      DTYPE_CODES[y.dtype], _threads(rows.gate))
         return False
 
-    def down(self, h, rows: FFNRows, y):
+    def down(self, h, rows: FFNRows, y, active=None, cold=None, residual=None) -> bool:
         T = h.shape[0]
         if self.lib is None or T > NATIVE_MAX_TOKENS:
-            return self._down_torch(h, rows, y)
+            self._down_torch(h, rows, y)
+            return False
         h = h.contiguous()
         out = y if y.dtype == torch.float32 else torch.empty(y.shape)
         self.lib.down(rows.down_t.data_ptr(), stride_bytes(rows.down_t), WEIGHT_CODES[rows.weight_type], rows.m,
                       rows.d, h.data_ptr(), T, out.data_ptr(), _threads(rows.down_t))
         if out is not y:
             y.copy_(out)
+        return False
 
     def _gate_up_torch(self, x, rows, active, act, threshold, h, full):
         row_active = active[:, rows.neuron_idx]

@@ -434,7 +434,13 @@ static double now(void) {
 // depend on k); the last to finish raises the flag. times[2 l], times[2 l + 1]: when the input was seen and the
 // output published; counts[2 l], counts[2 l + 1]: the layer's active neurons and active cold rows (the GPU hit
 // rate). Returns 0, or -1 if the GPU did not signal within timeout_s.
+// A layer with at most FEW_ROWS listed rows (a well placed layer's usual case) is split by columns instead, so
+// that every thread takes part: blocks of COL_BLOCK columns, each thread a run of them, whose slices of every
+// listed row (gate, up and down) it asks for at once; each block's share of each row's gate and up products is
+// kept apart and the shares added in block order, so that the result does not depend on the thread count either.
 #define DOWN_AHEAD 8  // down rows whose column slice a thread prefetches ahead of its use
+#define FEW_ROWS 16
+#define COL_BLOCK 256  // a multiple of 32 (GGUF blocks)
 
 int cold_step(const rows_desc* layers, int n_layers, int wt, int d, int act, float threshold, const void* x_host,
               int x_type, const int32_t* cold_lists, int64_t list_len, void* y_host, volatile int32_t* x_ready,
@@ -445,6 +451,8 @@ int cold_step(const rows_desc* layers, int n_layers, int wt, int d, int act, flo
   float* x = malloc((size_t)n_threads * d * sizeof(float));  // each thread's fp32 copy of x
   float* y = malloc((size_t)n_threads * d * sizeof(float));  // each thread's sums (its slice of the columns)
   float* acts = malloc(max_m * sizeof(float));  // the listed rows' activations, in list order
+  const int col_blocks = (d + COL_BLOCK - 1) / COL_BLOCK;
+  float* shares = malloc((size_t)FEW_ROWS * col_blocks * 2 * sizeof(float));  // few rows: [row][block][gate, up]
   int32_t* met = calloc(2 * (size_t)n_layers, sizeof(int32_t));  // per layer: threads at the meeting, done
   volatile int abort_step = 0;
 #pragma omp parallel num_threads(n_threads)
@@ -463,35 +471,70 @@ int cold_step(const rows_desc* layers, int n_layers, int wt, int d, int act, flo
       const int32_t* cold_list = cold_lists + l * list_len;
       const int64_t n_active = cold_list[0], n = cold_list[1];
       const int32_t* listed = cold_list + 2;
-      const int k = n < 1 ? 1 : (n < nt ? (int)n : nt);
+      const int few = n >= 1 && n <= FEW_ROWS;
+      const int k = few ? (col_blocks < nt ? col_blocks : nt) : n < 1 ? 1 : (n < nt ? (int)n : nt);
       if (tid >= k) continue;
       if (tid == 0) times[2 * l] = now();
       const rows_desc* r = layers + l;
-      const int blocks = (d + 31) / 32;  // column slices start at multiples of 32 (GGUF blocks)
-      const int c0 = 32 * (blocks * tid / k), c1 = tid == k - 1 ? d : 32 * (blocks * (tid + 1) / k);
+      // this thread's columns: a run of COL_BLOCK blocks (few rows) or of 32 columns
+      const int unit = few ? COL_BLOCK : 32, units = (d + unit - 1) / unit;
+      const int c0 = unit * (units * tid / k), c1 = tid == k - 1 ? d : unit * (units * (tid + 1) / k);
       const int64_t b0 = element_offset(wt, c0), b1 = element_offset(wt, c1);
-      for (int64_t i = 0; i < n && i < DOWN_AHEAD; ++i) prefetch(r->down + listed[i] * r->row_bytes + b0, b1 - b0);
-      const int64_t i0 = n * tid / k, i1 = n * (tid + 1) / k;
-      if (i1 > i0) to_float(x_host, x_type, d, my_x);
-      for (int64_t i = i0; i < i1; ++i) {
-        const uint8_t* ahead[2] = {NULL, NULL};  // the next row's gate and up
-        if (i + 1 < i1) {
-          ahead[0] = r->gate + listed[i + 1] * r->row_bytes;
-          ahead[1] = r->up + listed[i + 1] * r->row_bytes;
+      float* row_acts = acts;
+      float few_acts[FEW_ROWS];
+      if (few) {
+        for (int64_t i = 0; i < n; ++i) {
+          prefetch(r->gate + listed[i] * r->row_bytes + b0, b1 - b0);
+          prefetch(r->up + listed[i] * r->row_bytes + b0, b1 - b0);
+          prefetch(r->down + listed[i] * r->row_bytes + b0, b1 - b0);
         }
-        float g, u;
-        gate_up_dots(r->gate + listed[i] * r->row_bytes, r->up + listed[i] * r->row_bytes, wt, my_x, d, 1, &g, &u,
-                     ahead, ahead[0] ? 2 : 0);
-        acts[i] = activation(g, u, act, threshold);
+        to_float((const uint8_t*)x_host + element_offset(x_type, c0), x_type, c1 - c0, my_x + c0);
+        for (int64_t i = 0; i < n; ++i)
+          for (int c = c0; c < c1; c += COL_BLOCK) {
+            const int len = c1 - c < COL_BLOCK ? c1 - c : COL_BLOCK;
+            float gbuf[COL_BLOCK], ubuf[COL_BLOCK], g = 0.0f, u = 0.0f;
+            dot2(decode(r->gate + listed[i] * r->row_bytes, wt, c, len, gbuf),
+                 decode(r->up + listed[i] * r->row_bytes, wt, c, len, ubuf), my_x + c, len, &g, &u);
+            float* share = shares + 2 * (i * col_blocks + c / COL_BLOCK);
+            share[0] = g;
+            share[1] = u;
+          }
+      } else {
+        for (int64_t i = 0; i < n && i < DOWN_AHEAD; ++i)
+          prefetch(r->down + listed[i] * r->row_bytes + b0, b1 - b0);
+        const int64_t i0 = n * tid / k, i1 = n * (tid + 1) / k;
+        if (i1 > i0) to_float(x_host, x_type, d, my_x);
+        for (int64_t i = i0; i < i1; ++i) {
+          const uint8_t* ahead[2] = {NULL, NULL};  // the next row's gate and up
+          if (i + 1 < i1) {
+            ahead[0] = r->gate + listed[i + 1] * r->row_bytes;
+            ahead[1] = r->up + listed[i + 1] * r->row_bytes;
+          }
+          float g, u;
+          gate_up_dots(r->gate + listed[i] * r->row_bytes, r->up + listed[i] * r->row_bytes, wt, my_x, d, 1, &g,
+                       &u, ahead, ahead[0] ? 2 : 0);
+          acts[i] = activation(g, u, act, threshold);
+        }
       }
       int32_t* arrived = met + 2 * l;
       __atomic_add_fetch(arrived, 1, __ATOMIC_ACQ_REL);
       while (__atomic_load_n(arrived, __ATOMIC_ACQUIRE) < k && !abort_step) _mm_pause();
       if (abort_step) break;
+      if (few) {  // every thread adds the blocks' shares up, in block order
+        row_acts = few_acts;
+        for (int64_t i = 0; i < n; ++i) {
+          float g = 0.0f, u = 0.0f;
+          for (int b = 0; b < col_blocks; ++b) {
+            g += shares[2 * (i * col_blocks + b)];
+            u += shares[2 * (i * col_blocks + b) + 1];
+          }
+          few_acts[i] = activation(g, u, act, threshold);
+        }
+      }
       memset(my_y + c0, 0, (size_t)(c1 - c0) * sizeof(float));
       for (int64_t i = 0; i < n; ++i) {
-        if (i + DOWN_AHEAD < n) prefetch(r->down + listed[i + DOWN_AHEAD] * r->row_bytes + b0, b1 - b0);
-        if (acts[i] != 0.0f) add_row(r->down + listed[i] * r->row_bytes, wt, c0, c1, d, acts + i, 1, my_y);
+        if (!few && i + DOWN_AHEAD < n) prefetch(r->down + listed[i + DOWN_AHEAD] * r->row_bytes + b0, b1 - b0);
+        if (row_acts[i] != 0.0f) add_row(r->down + listed[i] * r->row_bytes, wt, c0, c1, d, row_acts + i, 1, my_y);
       }
       from_float(my_y + c0, c1 - c0, x_type, (uint8_t*)y_host + element_offset(x_type, c0));
       if (__atomic_add_fetch(arrived + 1, 1, __ATOMIC_ACQ_REL) == k) {  // the last one out publishes
@@ -503,6 +546,7 @@ int cold_step(const rows_desc* layers, int n_layers, int wt, int d, int act, flo
     }
   }
   free(met);
+  free(shares);
   free(acts);
   free(y);
   free(x);

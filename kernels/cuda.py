@@ -160,11 +160,13 @@ def _one_token(x: torch.Tensor, rows: FFNRows) -> bool:
 class CudaBackend(Backend):
     name = "cuda"
 
-    def ffn(self, x, rows: FFNRows, active, act, threshold, y, residual=None) -> bool:
-        """One token over small float rows: gate, up, down and the residual in one launch (ffn_one); otherwise
-        gate_up, then down."""
+    def ffn(self, x, rows: FFNRows, active, act, threshold, y, residual=None, beside=None, cold=None) -> bool:
+        """One token over small float rows: gate, up, down and the residual in one launch (ffn_one; the CPU's
+        share, if given, is left to the caller); otherwise gate_up, then down."""
         if not _one_token(x, rows) or rows.nbytes > ONE_LAUNCH_MAX_BYTES:
-            return super().ffn(x, rows, active, act, threshold, y)
+            return super().ffn(x, rows, active, act, threshold, y, residual, beside, cold)
+        if cold is not None:
+            residual = None
         xk, active = _kernel_x(x, rows), active.contiguous()
         xpad = _xpad(rows)
         sums = _ffn_sums(x.device, xpad)
@@ -176,7 +178,9 @@ class CudaBackend(Backend):
                 np.float32(threshold), ptr(sums), ptr(sums[xpad:].view(torch.int32)), ptr(y),
                 np.int32(DTYPE_CODES[y.dtype]), np.uint64(0) if residual is None else ptr(residual))
         launch(kernel, (-(-rows.m // ROWS_PER_BLOCK),), args, x.device, 4 * max(xpad, 8 * THREADS))
-        return True
+        if beside is not None:
+            beside(True)
+        return residual is not None
 
     def gate_up(self, x, rows: FFNRows, active, act, threshold, h, full):
         """Write h (fp32, (T, m) or the full (T, n_ff)) for the active neurons."""
@@ -205,13 +209,16 @@ class CudaBackend(Backend):
                     np.int32(ACT_CODES[act]), np.float32(threshold), ptr(h[t0]), np.int32(full))
             launch(kernel, (-(-rows.m // ROWS_PER_BLOCK),), args, x.device, smem_per_token * tile)
 
-    def down(self, h, rows: FFNRows, y):
+    def down(self, h, rows: FFNRows, y, active=None, cold=None, residual=None) -> bool:
         """y (T, d) = h @ down_t over the rows with h != 0; fp32 partial sums per row split, added in split order
-        by the last split of each column block (one launch per tile of tokens)."""
+        by the last split of each column block (one launch per tile of tokens). One token with its mask: the
+        kernel loads the mask's first rows before it waits for h; with the CPU's share (a kernels.handoff.ColdPart)
+        it also adds that and the residual (returns True)."""
         T = h.shape[0]
         if T >= DENSE_MIN_TOKENS and rows.weight_type in FLOAT_DTYPES:
             y.copy_(h.to(rows.down_t.dtype) @ rows.down_t[:, : rows.d])
-            return
+            return False
+        fused = cold is not None and T == 1
         col_blocks = -(-rows.d // COLS_PER_BLOCK)
         splits = max(1, min(-(-rows.m // 256), DOWN_BLOCKS_PER_SM * sm_count(h.device.index) // col_blocks))
         rows_per_split = -(-rows.m // splits)
@@ -225,7 +232,12 @@ class CudaBackend(Backend):
             args = (ptr(rows.down_t), np.int64(stride_bytes(rows.down_t)),
                     np.int32(rows.m), np.int32(rows.d), ptr(h[t0]), np.int32(n), np.int32(rows_per_split),
                     ptr(partial), ptr(done), ptr(y[t0]), np.int32(DTYPE_CODES[y.dtype]))
+            early = active is not None and T == 1 and rows.weight_type in FLOAT_DTYPES
+            args += (ptr(rows.neuron_idx) if early else np.uint64(0),
+                     ptr(active.contiguous()) if early else np.uint64(0))
+            args += cold.kernel_args(residual) if fused else (np.uint64(0),) * 6
             launch(kernel, (col_blocks, splits), args, h.device)
+        return fused
 
     def _gate_up_dense(self, x, rows, active, act, threshold, h, full):
         """Many tokens: cuBLAS over all rows (each row read once for every token), then mask."""

@@ -20,14 +20,18 @@ X_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 class Backend:
     """What every backend does: gate_up and down (its kernels) and ffn, by default the two one after the other
-    (a backend with a one-pass kernel overrides it)."""
+    (a backend with a one-pass kernel overrides it). down's `active`, where given, is the mask h was computed
+    under (h is 0 wherever it is off): a backend may start reading rows by it before h is ready; down returns
+    True if it also added `cold` and `residual` (kernels.handoff.ColdPart, one token on CUDA)."""
 
-    def ffn(self, x, rows, active, act, threshold, y, residual=None) -> bool:
-        """y = the rows' FFN output; True if a kernel also added `residual` (else the caller adds it)."""
+    def ffn(self, x, rows, active, act, threshold, y, residual=None, beside=None, cold=None) -> bool:
+        """y = the rows' FFN output; True if the kernels also added `residual` and `cold`, if given (else the
+        caller adds them). beside and cold: as sparse_ffn takes them."""
         h = torch.empty((x.shape[0], rows.m), dtype=torch.float32, device=rows.device)
         self.gate_up(x, rows, active, act, threshold, h, False)
-        self.down(h, rows, y)
-        return False
+        if beside is not None:
+            beside(True)
+        return bool(self.down(h, rows, y, active, cold, residual))
 
 
 class ReferenceBackend(Backend):
@@ -42,8 +46,9 @@ class ReferenceBackend(Backend):
         else:
             h.copy_(hc)
 
-    def down(self, h, rows, y):
+    def down(self, h, rows, y, active=None, cold=None, residual=None) -> bool:
         y.copy_(sparse_down_reference(h, rows.dense()[2]))
+        return False
 
 
 @functools.cache
@@ -135,10 +140,16 @@ def sparse_down(h, rows: FFNRows, out=None):
     return out
 
 
-def sparse_ffn(x, rows: FFNRows, active, act="relu", threshold=0.0, out=None, residual=None):
+def sparse_ffn(x, rows: FFNRows, active, act="relu", threshold=0.0, out=None, residual=None, beside=None,
+               cold=None):
     """The rows' share of the FFN output, (T, d) in x's dtype (or into out): sum over the active neurons j
     of ffn_activation(gate_j . x, up_j . x) * down_t_rows[j]; with residual (out's dtype and shape), residual
-    plus that, rounded as the torch add would (a one-token kernel adds it as it writes)."""
+    plus that, rounded as the torch add would (a one-token kernel adds it as it writes). beside(listed), if given,
+    is called once: right after the kernel that lists the rows off the mask is launched (listed True: that kernel
+    lets the next one start only once the mask is complete), or first (False) where nothing is listed.
+    kernels.Handoff launches its send there, to run beside the FFN's kernels. cold: the CPU's share of the same FFN
+    (a kernels.handoff.ColdPart), added in as well, with the residual: by the down kernel where it can, else by
+    cold.add."""
     _check_inputs(x, rows, active, act)
     if out is not None:
         _check_out(out, tuple(x.shape), X_DTYPES, rows.device)
@@ -147,8 +158,14 @@ def sparse_ffn(x, rows: FFNRows, active, act="relu", threshold=0.0, out=None, re
         _check_tensor("residual", residual, (out.dtype,), tuple(x.shape), rows.device)
         residual = residual.contiguous()
     if rows.m == 0 or x.shape[0] == 0:
-        return out.zero_() if residual is None else out.copy_(residual)
-    added = get_backend(rows.device.type).ffn(x, rows, active, act, float(threshold), out, residual)
+        if beside is not None:
+            beside(False)
+        added = False
+        out.zero_()
+    else:
+        added = get_backend(rows.device.type).ffn(x, rows, active, act, float(threshold), out, residual, beside, cold)
+    if cold is not None and not added:
+        return cold.add(out, residual)
     if residual is not None and not added:
         out.add_(residual)
     return out

@@ -4,7 +4,7 @@
 // Compiled by CuPy's NVRTC behind common.cuh; no headers. One block per launch.
 
 #define THREADS 1024
-#define FETCH_THREADS 256  // fetch_from_host's: it waits beside the hot rows, so it takes little of an SM
+#define FETCH_THREADS 512  // fetch_from_host's: one 16-byte read a thread of a 4096-element fp16 result
 
 // n bytes from src to dst by all threads of the block, in 16-byte accesses where both are aligned (few, large
 // PCIe transfers). FRESH: volatile reads, never a cached line (host memory that the CPU rewrites).
@@ -35,9 +35,12 @@ __device__ __forceinline__ void copy_bytes(unsigned char* dst, const unsigned ch
 // then set *x_ready = *epoch: the CPU starts the layer's cold rows when it sees the flag. It runs while the hot
 // rows load the GPU's memory, so after the wait it reads in one round: x, the mask, and the mask at this thread's
 // cold rows, whose (constant) indices it loaded before the wait.
+// wait_first 0: launched right after the kernel that lists the hot rows, which lets it start only once the mask
+// is complete: it reads the mask at once, beside that kernel, and waits for it only before it exits.
 extern "C" __global__ void __launch_bounds__(THREADS) send_to_host(
     const unsigned char* __restrict__ x, long long x_bytes, const bool* __restrict__ mask, int n_ff,
-    const int* __restrict__ cold_idx, int m, unsigned char* x_host, int* cold_list, int* x_ready, const int* epoch) {
+    const int* __restrict__ cold_idx, int m, unsigned char* x_host, int* cold_list, int* x_ready, const int* epoch,
+    int wait_first) {
   __shared__ int warp_sums[THREADS / 32], n_active;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   // this thread's slice of the cold rows, in order: [j0, j1)
@@ -45,7 +48,8 @@ extern "C" __global__ void __launch_bounds__(THREADS) send_to_host(
   int idx[IDX_REGS];
 #pragma unroll
   for (int q = 0; q < IDX_REGS; ++q) idx[q] = j0 + q < j1 ? cold_idx[j0 + q] : 0;
-  pdl_start();
+  pdl_launch_next();
+  if (wait_first) pdl_wait();
   const int step = *epoch;
   if (threadIdx.x == 0) n_active = 0;
   bool listed[IDX_REGS];  // loads first, all in flight together; used below
@@ -86,51 +90,75 @@ extern "C" __global__ void __launch_bounds__(THREADS) send_to_host(
     cold_list[0] = n_active;
     cold_list[1] = before;  // the last thread's end: all of them
   }
-  __threadfence_system();  // this thread's writes reach the host before the flag below
-  __syncthreads();
-  if (threadIdx.x == 0) *(volatile int*)x_ready = step;
+  __syncthreads();  // every thread's writes to the host come before thread 0's fence, and so before the flag
+  if (threadIdx.x == 0) {
+    __threadfence_system();
+    *(volatile int*)x_ready = step;
+  }
+  if (!wait_first) pdl_wait();  // every block waits before it exits
 }
 
 // Wait until the CPU sets *y_ready = *epoch (or timeout_ns passes: *error = 1), then copy its result (n_bytes at
-// y_host) to y_cold on the GPU. Launched right after send_to_host, it waits beside the hot rows, so the reads
-// across PCIe (the flag, then the result) are off the GPU's path. Volatile reads: never a cached line of an
-// earlier layer's result.
+// y_host) to y_cold on the GPU and set *fetched = *epoch there (the hot rows' down kernel adds it once it sees
+// that). Launched right after send_to_host, it waits beside the hot rows, so the reads across PCIe (the flag,
+// then the result) are off the GPU's path. Volatile reads: never a cached line of an earlier layer's result.
 extern "C" __global__ void __launch_bounds__(FETCH_THREADS) fetch_from_host(
     const unsigned char* y_host, unsigned char* __restrict__ y_cold, long long n_bytes, const int* y_ready,
-    const int* epoch, int* error, long long timeout_ns) {
+    const int* epoch, int* error, long long timeout_ns, int* fetched) {
   pdl_start();
-  if (threadIdx.x == 0) {
-    const int want = *epoch;
-    unsigned long long start, t;
-    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(start));
-    while (*(const volatile int*)y_ready != want) {
-      __nanosleep(100);
-      asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-      if (t - start > (unsigned long long)timeout_ns) {
-        *(volatile int*)error = 1;
-        break;
-      }
-    }
-    __threadfence_system();
-  }
-  __syncthreads();
+  const int want = *epoch;
+  wait_flag<true>(y_ready, want, error, timeout_ns);
   copy_bytes<true>(y_cold, y_host, n_bytes);
+  __syncthreads();  // the copy comes before thread 0's fence, and so before the flag
+  if (threadIdx.x == 0) {
+    __threadfence();
+    *(volatile int*)fetched = want;
+  }
 }
 
 // out = y_gpu + y_cold, plus residual if not null (rounded as the torch ops round: residual + (y_gpu + y_cold)).
-// type: 0 fp32, 1 fp16, 2 bf16 (of y_gpu, y_cold, residual and out, d elements).
+// type: 0 fp32, 1 fp16, 2 bf16 (of y_gpu, y_cold, residual and out, d elements). Each thread takes 16 bytes of
+// each at a time (4 or 8 elements; single elements where the pointers are not 16-byte aligned): one round of loads.
+__device__ __forceinline__ unsigned int add_word(unsigned int gpu, unsigned int cold, unsigned int res, bool has_res,
+                                                 int type, int half) {
+  const unsigned short g = gpu >> (16 * half), c = cold >> (16 * half), r = res >> (16 * half);
+  const float hot = from_half(g, type);
+  return (unsigned int)(has_res ? add_cold(hot, c, &r, type) : add_cold(hot, c, nullptr, type)) << (16 * half);
+}
+
 extern "C" __global__ void __launch_bounds__(THREADS) add_parts(
     const void* __restrict__ y_gpu, const void* __restrict__ y_cold, const void* __restrict__ residual,
     void* __restrict__ out, int d, int type) {
   pdl_start();
-  for (int i = threadIdx.x; i < d; i += THREADS) {
+  const int per = type == 0 ? 4 : 8;  // elements in 16 bytes
+  const bool aligned = ((((unsigned long long)y_gpu | (unsigned long long)y_cold | (unsigned long long)residual |
+                          (unsigned long long)out) & 15) == 0);
+  const int vectors = aligned ? d / per : 0;
+  const bool has_res = residual != nullptr;
+  for (int v = threadIdx.x; v < vectors; v += THREADS) {
+    const uint4 a = reinterpret_cast<const uint4*>(y_gpu)[v], b = reinterpret_cast<const uint4*>(y_cold)[v];
+    const uint4 r = has_res ? reinterpret_cast<const uint4*>(residual)[v] : make_uint4(0, 0, 0, 0);
+    const unsigned int av[4] = {a.x, a.y, a.z, a.w}, bv[4] = {b.x, b.y, b.z, b.w}, rv[4] = {r.x, r.y, r.z, r.w};
+    unsigned int o[4];
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      if (type == 0) {
+        const float s = __uint_as_float(av[q]) + __uint_as_float(bv[q]);
+        o[q] = __float_as_uint(has_res ? __uint_as_float(rv[q]) + s : s);
+      } else {
+        o[q] = add_word(av[q], bv[q], rv[q], has_res, type, 0) | add_word(av[q], bv[q], rv[q], has_res, type, 1);
+      }
+    }
+    reinterpret_cast<uint4*>(out)[v] = make_uint4(o[0], o[1], o[2], o[3]);
+  }
+  for (int i = vectors * per + threadIdx.x; i < d; i += THREADS) {
     if (type == 0) {
       const float s = ((const float*)y_gpu)[i] + ((const float*)y_cold)[i];
-      ((float*)out)[i] = residual ? ((const float*)residual)[i] + s : s;
+      ((float*)out)[i] = has_res ? ((const float*)residual)[i] + s : s;
     } else {
-      const unsigned short* gpu = (const unsigned short*)y_gpu;
-      const float s = from_half(gpu[i], type) + from_half(((const unsigned short*)y_cold)[i], type);
-      ((unsigned short*)out)[i] = round_add(s, residual ? (const unsigned short*)residual + i : nullptr, type);
+      const float hot = from_half(((const unsigned short*)y_gpu)[i], type);
+      ((unsigned short*)out)[i] = add_cold(hot, ((const unsigned short*)y_cold)[i],
+                                           has_res ? (const unsigned short*)residual + i : nullptr, type);
     }
   }
 }

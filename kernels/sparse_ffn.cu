@@ -265,13 +265,13 @@ __global__ void __launch_bounds__(256) gate_up(
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int segs = (d + SEG - 1) / SEG;
   const long long h_stride = full ? n_ff : m;
-  pdl_launch_next();
   if (warp == 0)
     list_needed_rows<TT>(neuron_idx, m, active, n_ff, T, h, h_stride, full, list_row, list_on, list_neuron,
                          &n_listed, lane);
   else
     pdl_wait();
   __syncthreads();
+  pdl_launch_next();  // only now: down_partial reads the mask before its wait, so it must be complete
   const int items = n_listed * segs;
   for (int item = warp; item < items; item += WARPS) {
     const int k = item / segs, s = item - k * segs;
@@ -330,11 +330,14 @@ __device__ __forceinline__ void one_token_activations(
     int full, float* xs, int* list_row, int* list_on, long long* list_neuron, int* n_listed, float* hs) {
   constexpr int U = sizeof(typename Row<WT>::Raw) == 16 ? 8 : 4;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  pdl_launch_next();
-  if (warp == 0)
+  if (warp == 0) {
     list_needed_rows<1>(neuron_idx, m, active, 0, 1, h, 0, full, list_row, list_on, list_neuron, n_listed, lane);
-  else
+  } else {
     pdl_wait();
+    // only now: the kernels after read the mask before their waits (down_partial, send_to_host), so it must be
+    // complete (one thread's call counts for the block)
+    if (warp == 1 && lane == 0) pdl_launch_next();
+  }
   for (int c = threadIdx.x * 8; c < xpad; c += blockDim.x * 8) Row<XT>::load8(x, c, xs + c);
   __syncthreads();
   for (int k = warp; k < *n_listed; k += WARPS) {
@@ -551,24 +554,54 @@ __device__ __forceinline__ void load_quant_rows(const unsigned char* down, long 
   __syncwarp();  // the warp's next rows overwrite the stage
 }
 
+// down_partial's rows loaded before its wait (16-bit and f32 rows only: quantized ones have no raw loads)
+template <int WT, bool EARLY> struct EarlyRaw { using T = int; };
+template <int WT> struct EarlyRaw<WT, true> { using T = typename Row<WT>::Raw; };
+
 // partial[s, t, c] = sum over rows r of split s (ascending) with h[t, r] != 0 of h[t, r] * down[r, c].
 // Block (blockIdx.x, blockIdx.y = s) covers 256 columns; its 8 warps take 32-row groups in turn, read only the
 // rows some token needs (ballot over h), several rows in flight (Q), and add their sums in warp order.
+// One token of 16-bit or f32 rows with the mask the activations came from (active, by neuron through neuron_idx;
+// h is 0 wherever the mask is off; both may be null): before waiting for h, each warp issues the loads of the
+// first Q rows of its first group that the mask turns on, so that they stream in while the kernel before still
+// runs (its last blocks) instead of after it ends; the sums are added in the same order either way.
 template <int WT, int TT>
 __global__ void __launch_bounds__(256) down_partial(
     const unsigned char* __restrict__ down, long long row_bytes, int m, int d,
     const float* __restrict__ h, int T, int rows_per_split, float* __restrict__ partial, int* __restrict__ done,
-    void* __restrict__ y, int out_type) {
+    void* __restrict__ y, int out_type, const long long* __restrict__ neuron_idx, const bool* __restrict__ active,
+    const void* __restrict__ residual, const void* cold, const int* cold_ready, const int* epoch, int* error,
+    long long timeout_ns) {
   // rows in flight per warp: 4 quantized rows (the stage holds 4); 16 rows of 16-bit elements for one token, else
   // 8 (their raw 16-byte loads stay in registers until used)
   constexpr int Q = Quant<WT>::BYTES > 0 ? 4 : (TT == 1 && WT != F32 ? 16 : 8);
   __shared__ float red[(TT == 1 ? WARPS : TT) * 256];
   __shared__ __align__(16) unsigned char stage[WARPS][4 * 8 * Quant<WT>::BYTES + 16];
-  pdl_start();
+  constexpr bool EARLY = TT == 1 && Quant<WT>::BYTES == 0;
+  pdl_launch_next();
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int c = blockIdx.x * 256 + lane * 8;
   const bool col_ok = c < d;
   const int r0 = blockIdx.y * rows_per_split, r1 = min(m, r0 + rows_per_split);
+  typename EarlyRaw<WT, EARLY>::T early_raw[EARLY ? Q : 1];
+  int early_lane[EARLY ? Q : 1];
+  unsigned int early_bits = 0;  // lanes of the warp's first group whose rows are in early_raw
+  if constexpr (EARLY) {
+    const int base = r0 + warp * 32;
+    const bool on = active != nullptr && base + lane < r1 && active[neuron_idx[base + lane]];
+    unsigned int mask = __ballot_sync(FULL_MASK, on);
+#pragma unroll
+    for (int q = 0; q < Q; ++q) {
+      early_lane[q] = -1;
+      if (mask) {
+        early_lane[q] = __ffs(mask) - 1;
+        early_bits |= 1u << early_lane[q];
+        mask &= mask - 1;
+        if (col_ok) early_raw[q] = Row<WT>::raw8(down + (long long)(base + early_lane[q]) * row_bytes, c);
+      }
+    }
+  }
+  pdl_wait();
   float acc[TT][8];
 #pragma unroll
   for (int t = 0; t < TT; ++t)
@@ -618,8 +651,9 @@ __global__ void __launch_bounds__(256) down_partial(
       }
     }
   };
-  // the warp's groups of 32 rows two at a time: both groups' h read in one round
-  for (int base = r0 + warp * 32; base < r1; base += 2 * WARPS * 32) {
+  // the warp's groups of 32 rows two at a time: both groups' h read in one round; the first pair (first = true,
+  // a separate call so that early_raw is dead after it) begins with the rows loaded before the wait, in row order
+  auto add_pair = [&](int base, bool first) {
     const int base2 = base + WARPS * 32;
     float hv[TT], hv2[TT];
     bool nz = false, nz2 = false;
@@ -630,9 +664,28 @@ __global__ void __launch_bounds__(256) down_partial(
       nz |= hv[t] != 0.0f;
       nz2 |= hv2[t] != 0.0f;
     }
-    add_group(base, hv, __ballot_sync(FULL_MASK, nz));
+    unsigned int needed = __ballot_sync(FULL_MASK, nz);
+    if constexpr (EARLY) {
+      if (first) {
+#pragma unroll
+        for (int q = 0; q < Q; ++q) {
+          if (early_lane[q] >= 0 && (needed >> early_lane[q] & 1u)) {
+            float v[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+            if (col_ok) Row<WT>::decode8(early_raw[q], v);
+            const float a = __shfl_sync(FULL_MASK, hv[0], early_lane[q]);
+#pragma unroll
+            for (int k = 0; k < 8; ++k) acc[0][k] = fmaf(a, v[k], acc[0][k]);
+          }
+        }
+        needed &= ~early_bits;
+      }
+    }
+    add_group(base, hv, needed);
     add_group(base2, hv2, __ballot_sync(FULL_MASK, nz2));
-  }
+  };
+  int base = r0 + warp * 32;
+  if (base < r1) add_pair(base, true);
+  for (base += 2 * WARPS * 32; base < r1; base += 2 * WARPS * 32) add_pair(base, false);
 
   if constexpr (TT == 1) {  // every warp's sums at once, then each column added up in warp order
 #pragma unroll
@@ -661,7 +714,9 @@ __global__ void __launch_bounds__(256) down_partial(
     }
   }
   // The column block's last split to finish adds the splits' partial sums in split order into y (T, d) of
-  // out_type (fp32 0, fp16 1, bf16 2) and sets its counter in `done` back to 0 for the next launch.
+  // out_type (fp32 0, fp16 1, bf16 2) and sets its counter in `done` back to 0 for the next launch. One token with
+  // the CPU's share (cold, y's type, not null): it waits until fetch_from_host has it on the GPU (*cold_ready ==
+  // *epoch), then writes residual + (y + cold) as add_parts would (residual may be null).
   __shared__ bool last;
   __threadfence();
   __syncthreads();
@@ -669,6 +724,7 @@ __global__ void __launch_bounds__(256) down_partial(
   __syncthreads();
   if (!last) return;
   __threadfence();
+  if (cold != nullptr) wait_flag<false>(cold_ready, *epoch, error, timeout_ns);
   for (int i = threadIdx.x; i < T * 256; i += blockDim.x) {
     const int t = i >> 8, cc = blockIdx.x * 256 + (i & 255);
     if (cc >= d) continue;
@@ -676,8 +732,17 @@ __global__ void __launch_bounds__(256) down_partial(
 #pragma unroll 8
     for (int k = 0; k < (int)gridDim.y; ++k) sum += __ldcg(partial + ((long long)k * T + t) * d + cc);
     const long long o = (long long)t * d + cc;
-    if (out_type == 0) reinterpret_cast<float*>(y)[o] = sum;
-    else reinterpret_cast<unsigned short*>(y)[o] = to_half(sum, out_type);
+    if (cold == nullptr) {
+      if (out_type == 0) reinterpret_cast<float*>(y)[o] = sum;
+      else reinterpret_cast<unsigned short*>(y)[o] = to_half(sum, out_type);
+    } else if (out_type == 0) {
+      const float s = sum + __ldcg(reinterpret_cast<const float*>(cold) + o);
+      reinterpret_cast<float*>(y)[o] = residual ? reinterpret_cast<const float*>(residual)[o] + s : s;
+    } else {
+      const unsigned short* r = reinterpret_cast<const unsigned short*>(residual);
+      reinterpret_cast<unsigned short*>(y)[o] =
+          add_cold(sum, __ldcg(reinterpret_cast<const unsigned short*>(cold) + o), r ? r + o : nullptr, out_type);
+    }
   }
   if (threadIdx.x == 0) done[blockIdx.x] = 0;
 }

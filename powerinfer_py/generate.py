@@ -239,7 +239,10 @@ def capture_decode(model, token, pos, kv_len: int, pool, advance=None) -> Decode
     def step():
         if handoff is not None:
             handoff.begin_step()
-        return model(token, pos, kv_len=kv_len)
+        logits = model(token, pos, kv_len=kv_len)
+        if handoff is not None:
+            handoff.end_step()
+        return logits
 
     stream = torch.cuda.current_stream()  # the Generator's own side stream: warm-up and capture both run on it
     with handoff.engage() if handoff is not None else contextlib.nullcontext():

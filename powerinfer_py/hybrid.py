@@ -3,8 +3,8 @@ computed at the same time from the same predictor mask, partial outputs added on
 
 Decode steps traced for a CUDA graph go through a kernels.Handoff shared by the split layers
 (Handoff.exchange): the GPU hands x and the list of active cold rows to pinned host memory and raises a flag,
-and beside its hot rows waits on the GPU for the CPU's flag and fetches the CPU's result, then adds both halves
-and the residual, while one host call computes every layer's cold rows as their flags come
+and beside its hot rows waits on the GPU for the CPU's flag and fetches the CPU's result, which the hot rows' last
+kernel adds with the residual, while one host call computes every layer's cold rows as their flags come
 (generate.capture_decode). Other calls (prefill, eager decode) hand off per layer from the host: GPU: copy x
 and the mask to pinned host buffers (`send`), record an event, launch the hot rows (`gpu_part`) | CPU: wait for
 the event, compute the cold rows (`cpu_part`) | GPU: copy the cold result back, pinned and non-blocking, and
@@ -104,7 +104,8 @@ class HybridFeedForward(nn.Module):
             rows = self.gpu_rows if self.gpu_rows is not None else self.cpu_rows
             return sparse_ffn(x, rows, active, self.act, self.threshold, residual=res).view(shape)
         if self.engaged(x):  # the hand-off's last kernel adds the residual
-            return self.handoff.exchange(self.slot, x, active, lambda: self.gpu_part(x, active), res).view(shape)
+            return self.handoff.exchange(self.slot, x, active, lambda *args: self.gpu_part(x, active, *args),
+                                         res).view(shape)
         if x.shape[0] >= STREAM_MIN_TOKENS:
             y = self.gpu_part(x, active) + self.streamed_part(x, active)
         else:
@@ -132,10 +133,15 @@ class HybridFeedForward(nn.Module):
         x_host.copy_(x, non_blocking=True)
         active_host.copy_(active, non_blocking=True)
 
-    def gpu_part(self, x, active):
+    def gpu_part(self, x, active, beside=None, residual=None, cold=None):
+        """The GPU rows' share; with a hand-off's beside, residual and cold (sparse_ffn), its whole output."""
         if self.gpu_rows is None:
-            return torch.zeros_like(x)
-        return sparse_ffn(x, self.gpu_rows, active, self.act, self.threshold)
+            if beside is not None:
+                beside(False)
+            y = torch.zeros_like(x)
+            return cold.add(y, residual) if cold is not None else y
+        return sparse_ffn(x, self.gpu_rows, active, self.act, self.threshold, residual=residual, beside=beside,
+                          cold=cold)
 
     def streamed_part(self, x, active):
         """The cold rows' share for many tokens, computed on the GPU: the rows are copied there block by block

@@ -30,3 +30,22 @@ def test_hot_kernels_are_those_between_a_layers_send_and_add():
     assert summary["overlap_share"] == 75 / (80 + 10)
     assert summary["step_us"] == 367 - 100
     assert summary["total"]["gpu_only_us"] == 93
+
+
+def test_where_the_hot_rows_last_kernel_adds_the_halves():
+    events = [
+        # layer 0: gate_up_one launched before the send, down_partial resident early and ending after the fetch (it
+        # waits for it inside and adds the halves): no add_parts, so no visible wait
+        span("gate_up_one", 95, 40, "kernel"), span("send_to_host", 100, 10, "kernel"),
+        span("fetch_from_host", 101, 60, "kernel"), span(COLD_RANGE, 110, 40, "user_annotation"),
+        span("down_partial", 100, 70, "kernel"), span("attention", 171, 100, "kernel"),
+        # layer 1: no hot rows (all its neurons on the CPU): add_parts adds the CPU's result to zeros
+        span("send_to_host", 300, 5, "kernel"), span("fetch_from_host", 305, 60, "kernel"),
+        span(COLD_RANGE, 310, 40, "user_annotation"), span("add_parts", 365, 2, "kernel"),
+    ]
+    summary = overlap_summary(events)
+    assert summary["layers"] == [
+        {"cpu_cold_us": 40, "gpu_hot_us": 110, "gpu_hot_span_us": 75, "overlap_us": 40, "gpu_wait_us": None,
+         "gpu_only_us": 130},
+        {"cpu_cold_us": 40, "gpu_hot_us": 0, "gpu_hot_span_us": 0.0, "overlap_us": 0.0, "gpu_wait_us": 60,
+         "gpu_only_us": None}]

@@ -97,6 +97,25 @@ def test_full_length_output_writes_only_owned_columns(weight_type, T):
     assert h[:, ~owned].isnan().all()
 
 
+@pytest.mark.parametrize("density", [0.05, 0.5, 1.0])
+@pytest.mark.parametrize("weight_type", ["f32", "f16", "bf16", "q8_0"])
+def test_down_given_the_mask_gives_the_same_bits(weight_type, density):
+    """One token: down told the mask h came from loads the first rows of each warp's first group before it waits
+    for h (float rows), and adds the same sums in the same order as without it, from a few of a group's 32 rows
+    to all (more than it loads early), with relu zeroing some of the rows the mask lists; 8000 rows (500 a split:
+    the warps have second groups, read after the wait)."""
+    rows, (_, _, down_t) = case(weight_type, m=8000, d=4096, n_ff=10000)
+    backend = get_backend("cuda")
+    for act in ("relu", "silu"):
+        x, active = torch.randn(1, rows.d, device="cuda"), random_mask(1, 10000, density).cuda()
+        h = sparse_gate_up(x, rows, active, act)
+        plain, early = (torch.full((1, rows.d), float("nan"), device="cuda") for _ in range(2))
+        backend.down(h, rows, plain)
+        backend.down(h, rows, early, active)
+        assert torch.equal(plain, early), act
+        assert rel_err(early, h.double() @ down_t) < 2e-6, act
+
+
 @pytest.mark.parametrize("density", [0.0, 1.0])
 def test_empty_and_full_masks(density):
     rows, (gate, up, down_t) = case("bf16")

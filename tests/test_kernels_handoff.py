@@ -10,7 +10,7 @@ from kernels.cpu import ColdStep
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 pytest.importorskip("cupy")
 from kernels import handoff as handoff_module
-from kernels.handoff import Handoff
+from kernels.handoff import Handoff, given
 
 D, N_FF = 256, 640
 RTOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
@@ -35,8 +35,8 @@ def one_step(handoff, layers, xs, masks, y_gpus, residuals=None):
     handoff.begin_step()
     outs = []
     for slot in range(len(layers)):
-        hot = y_gpus[slot].clone  # a new tensor, made on the side stream
-        outs.append(handoff.exchange(slot, xs[slot], masks[slot], hot, None if residuals is None else residuals[slot]))
+        outs.append(handoff.exchange(slot, xs[slot], masks[slot], given(y_gpus[slot]),
+                                     None if residuals is None else residuals[slot]))
     return outs
 
 
@@ -84,7 +84,7 @@ def test_send_lists_the_active_cold_rows(m, n_ff, density):
         handoff.begin_step()
         for slot, mask in enumerate(masks):
             handoff.exchange(slot, torch.randn(1, D, device="cuda").half(), mask,
-                             lambda: torch.zeros(1, D, device="cuda").half())
+                             given(torch.zeros(1, D, device="cuda").half()))
     torch.cuda.synchronize()
     for slot, (rows, mask) in enumerate(zip(layers, masks)):
         want = ColdStep.list_of(rows, mask[0].cpu())

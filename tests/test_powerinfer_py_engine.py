@@ -57,9 +57,12 @@ def test_cpu_engine_equals_dense_model_with_the_same_predictors():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("hot_kernels", ["ffn_one", "gate_up_one, down_partial"])  # the second adds the CPU's half
 @pytest.mark.parametrize("prompt_len", [4, 40])  # 40: the prefill streams the cold rows to the GPU
 @pytest.mark.parametrize("gpu_share", [0.0, 0.3, 0.7, 1.0])
-def test_gpu_engine_all_active_equals_dense_at_several_splits(gpu_share, prompt_len):
+def test_gpu_engine_all_active_equals_dense_at_several_splits(gpu_share, prompt_len, hot_kernels, monkeypatch):
+    if hot_kernels != "ffn_one":
+        monkeypatch.setattr("kernels.cuda.ONE_LAUNCH_MAX_BYTES", 0)
     ckpt = random_checkpoint(CFG.replace(dim=128, n_ff=384, n_heads=4, head_dim=32))
     cfg = ckpt.config
     rng = np.random.default_rng(0)
