@@ -161,10 +161,12 @@ class CudaBackend(Backend):
     name = "cuda"
 
     def ffn(self, x, rows: FFNRows, active, act, threshold, y, residual=None, beside=None, cold=None) -> bool:
-        """One token over small float rows: gate, up, down, the residual and the CPU's share, if given, in one
-        launch (ffn_one); otherwise gate_up, then down."""
+        """One token over small float rows: gate, up, down and the residual in one launch (ffn_one; the CPU's
+        share, if given, is left to the caller); otherwise gate_up, then down."""
         if not _one_token(x, rows) or rows.nbytes > ONE_LAUNCH_MAX_BYTES:
             return super().ffn(x, rows, active, act, threshold, y, residual, beside, cold)
+        if cold is not None:
+            residual = None
         xk, active = _kernel_x(x, rows), active.contiguous()
         xpad = _xpad(rows)
         sums = _ffn_sums(x.device, xpad)
@@ -175,11 +177,10 @@ class CudaBackend(Backend):
                 np.int32(rows.m), ptr(active), ptr(xk), np.int32(rows.d), np.int32(xpad), np.int32(ACT_CODES[act]),
                 np.float32(threshold), ptr(sums), ptr(sums[xpad:].view(torch.int32)), ptr(y),
                 np.int32(DTYPE_CODES[y.dtype]), np.uint64(0) if residual is None else ptr(residual))
-        args += cold.kernel_args() if cold is not None else (np.uint64(0),) * 5
         launch(kernel, (-(-rows.m // ROWS_PER_BLOCK),), args, x.device, 4 * max(xpad, 8 * THREADS))
         if beside is not None:
             beside(True)
-        return True
+        return residual is not None
 
     def gate_up(self, x, rows: FFNRows, active, act, threshold, h, full):
         """Write h (fp32, (T, m) or the full (T, n_ff)) for the active neurons."""
@@ -234,8 +235,7 @@ class CudaBackend(Backend):
             early = active is not None and T == 1 and rows.weight_type in FLOAT_DTYPES
             args += (ptr(rows.neuron_idx) if early else np.uint64(0),
                      ptr(active.contiguous()) if early else np.uint64(0))
-            args += ((np.uint64(0) if residual is None else ptr(residual),) + cold.kernel_args() if fused
-                     else (np.uint64(0),) * 6)
+            args += cold.kernel_args(residual) if fused else (np.uint64(0),) * 6
             launch(kernel, (col_blocks, splits), args, h.device)
         return fused
 

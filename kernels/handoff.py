@@ -153,10 +153,11 @@ class ColdPart:
     def __init__(self, handoff: Handoff, slot: int):
         self.handoff, self.slot = handoff, slot
 
-    def kernel_args(self):
-        """cold, its flag, epoch, error and timeout, as the kernels take them (ColdShare in sparse_ffn.cu)."""
+    def kernel_args(self, residual):
+        """residual, cold, its flag, epoch, error and timeout, as down_partial takes them."""
         h = self.handoff
-        return ptr(h.y_cold), ptr(h.fetched[self.slot]), ptr(h.epoch), ptr(h.error), np.int64(TIMEOUT_S * 1e9)
+        return (np.uint64(0) if residual is None else ptr(residual), ptr(h.y_cold), ptr(h.fetched[self.slot]),
+                ptr(h.epoch), ptr(h.error), np.int64(TIMEOUT_S * 1e9))
 
     def add(self, y_gpu: torch.Tensor, residual=None) -> torch.Tensor:
         """residual + (y_gpu + cold), rounded as in torch, once the side stream's fetch is done."""

@@ -411,40 +411,12 @@ __device__ __forceinline__ void red_add8(float* acc, const float* v) {
 #endif
 }
 
-// y[o] (out_type: fp32 0, fp16 1, bf16 2) = residual[o] + sum, rounded as the torch add of the rounded sum would,
-// or with the CPU's share cold[o]: residual[o] + (sum + cold[o]) as add_parts rounds it (residual and cold of y's
-// type, each may be null).
-__device__ __forceinline__ void write_out(void* y, long long o, float sum, int out_type, const void* residual,
-                                          const void* cold) {
-  if (out_type == 0) {
-    const float s = cold ? sum + __ldcg(reinterpret_cast<const float*>(cold) + o) : sum;
-    reinterpret_cast<float*>(y)[o] = residual ? reinterpret_cast<const float*>(residual)[o] + s : s;
-  } else {
-    const unsigned short* r = residual ? reinterpret_cast<const unsigned short*>(residual) + o : nullptr;
-    reinterpret_cast<unsigned short*>(y)[o] =
-        cold ? add_cold(sum, __ldcg(reinterpret_cast<const unsigned short*>(cold) + o), r, out_type)
-             : round_add(sum, r, out_type);
-  }
-}
-
-// The CPU's share of a split layer's FFN for the kernel that writes the layer's output: cold (the output's type;
-// null: none) is on the GPU once *ready == *epoch (kernels/handoff.py ColdPart; a wait past timeout_ns sets
-// *error).
-struct ColdShare {
-  const void* cold;
-  const int *ready, *epoch;
-  int* error;
-  long long timeout_ns;
-  __device__ __forceinline__ void wait() const {
-    if (cold != nullptr) wait_flag<false>(ready, *epoch, error, timeout_ns);
-  }
-};
-
 // Called by every thread of every block once its atomic adds into acc (xpad fp32, zero between launches) are
-// issued: the grid's last block to get here (counted in *done) writes y (d elements, write_out with residual and
-// the cold share) and zeroes acc and *done for the next launch.
+// issued: the grid's last block to get here (counted in *done) writes y (d elements, out_type: fp32 0, fp16 1,
+// bf16 2) = residual (y's type, may be null) + acc, rounded as the torch add of the rounded sum would, and
+// zeroes acc and *done for the next launch.
 __device__ __forceinline__ void write_sums_if_last(float* acc, int* done, int d, int xpad, void* y, int out_type,
-                                                   const void* residual, const ColdShare& share) {
+                                                   const void* residual) {
   __shared__ bool last;
   __threadfence();
   __syncthreads();
@@ -452,11 +424,16 @@ __device__ __forceinline__ void write_sums_if_last(float* acc, int* done, int d,
   __syncthreads();
   if (!last) return;
   __threadfence();
-  share.wait();
   for (int c = threadIdx.x; c < xpad; c += blockDim.x) {
     const float s = __ldcg(acc + c);
     __stcg(acc + c, 0.0f);
-    if (c < d) write_out(y, c, s, out_type, residual, share.cold);
+    if (c >= d) continue;
+    if (out_type == 0) {
+      reinterpret_cast<float*>(y)[c] = residual ? s + reinterpret_cast<const float*>(residual)[c] : s;
+    } else {
+      const unsigned short* r = reinterpret_cast<const unsigned short*>(residual);
+      reinterpret_cast<unsigned short*>(y)[c] = round_add(s, r ? r + c : nullptr, out_type);
+    }
   }
   if (threadIdx.x == 0) *done = 0;
 }
@@ -467,7 +444,7 @@ __device__ __forceinline__ void write_sums_if_last(float* acc, int* done, int d,
 // (one_token_activations), multiplies the nonzero ones by their down rows (each thread 8 columns, DOWN_LOADS rows'
 // loads in flight; short rows: several groups of threads take every groups-th row and add up in shared memory)
 // and adds its sums to acc (xpad fp32, zero between launches) with atomic vector adds; the last block to finish
-// writes y (write_sums_if_last; with the CPU's share, cold, not null: once it is on the GPU). The order of the atomic
+// writes y (write_sums_if_last). The order of the atomic
 // adds varies, so y may differ from run to run by fp32 rounding. Dynamic shared memory: max(xpad, 2048) floats
 // (x, then the groups' sums).
 #define DOWN_LOADS 8
@@ -477,8 +454,7 @@ __global__ void __launch_bounds__(256) ffn_one(
     const unsigned char* __restrict__ down, long long down_row_bytes, const long long* __restrict__ neuron_idx,
     int m, const bool* __restrict__ active, const unsigned char* __restrict__ x, int d, int xpad, int act,
     float threshold, float* __restrict__ acc, int* __restrict__ done, void* __restrict__ y, int out_type,
-    const void* __restrict__ residual, const void* cold, const int* cold_ready, const int* epoch, int* error,
-    long long timeout_ns) {
+    const void* __restrict__ residual) {
   extern __shared__ float xs[];
   __shared__ int list_row[ROWS_PER_BLOCK], list_on[ROWS_PER_BLOCK], n_listed, n_down;
   __shared__ long long list_neuron[ROWS_PER_BLOCK];
@@ -541,7 +517,7 @@ __global__ void __launch_bounds__(256) ffn_one(
       red_add8(acc + v0 * 8, sum);
     }
   }
-  write_sums_if_last(acc, done, d, xpad, y, out_type, residual, {cold, cold_ready, epoch, error, timeout_ns});
+  write_sums_if_last(acc, done, d, xpad, y, out_type, residual);
 }
 
 // v[q] = this lane's 8 columns (c) of row base + lanes[q] (q < 4, lanes[q] < 0: none) of quantized rows: the
@@ -739,8 +715,8 @@ __global__ void __launch_bounds__(256) down_partial(
   }
   // The column block's last split to finish adds the splits' partial sums in split order into y (T, d) of
   // out_type (fp32 0, fp16 1, bf16 2) and sets its counter in `done` back to 0 for the next launch. One token with
-  // the CPU's share (cold, y's type, not null; ColdShare): it waits until that is on the GPU, then writes
-  // residual + (y + cold) as add_parts would (residual may be null).
+  // the CPU's share (cold, y's type, not null): it waits until fetch_from_host has it on the GPU (*cold_ready ==
+  // *epoch), then writes residual + (y + cold) as add_parts would (residual may be null).
   __shared__ bool last;
   __threadfence();
   __syncthreads();
@@ -748,14 +724,25 @@ __global__ void __launch_bounds__(256) down_partial(
   __syncthreads();
   if (!last) return;
   __threadfence();
-  ColdShare{cold, cold_ready, epoch, error, timeout_ns}.wait();
+  if (cold != nullptr) wait_flag<false>(cold_ready, *epoch, error, timeout_ns);
   for (int i = threadIdx.x; i < T * 256; i += blockDim.x) {
     const int t = i >> 8, cc = blockIdx.x * 256 + (i & 255);
     if (cc >= d) continue;
     float sum = 0.0f;
 #pragma unroll 8
     for (int k = 0; k < (int)gridDim.y; ++k) sum += __ldcg(partial + ((long long)k * T + t) * d + cc);
-    write_out(y, (long long)t * d + cc, sum, out_type, residual, cold);
+    const long long o = (long long)t * d + cc;
+    if (cold == nullptr) {
+      if (out_type == 0) reinterpret_cast<float*>(y)[o] = sum;
+      else reinterpret_cast<unsigned short*>(y)[o] = to_half(sum, out_type);
+    } else if (out_type == 0) {
+      const float s = sum + __ldcg(reinterpret_cast<const float*>(cold) + o);
+      reinterpret_cast<float*>(y)[o] = residual ? reinterpret_cast<const float*>(residual)[o] + s : s;
+    } else {
+      const unsigned short* r = reinterpret_cast<const unsigned short*>(residual);
+      reinterpret_cast<unsigned short*>(y)[o] =
+          add_cold(sum, __ldcg(reinterpret_cast<const unsigned short*>(cold) + o), r ? r + o : nullptr, out_type);
+    }
   }
   if (threadIdx.x == 0) done[blockIdx.x] = 0;
 }
