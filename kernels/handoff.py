@@ -89,8 +89,11 @@ class Handoff:
             residual = residual.contiguous()
 
         def send_and_fetch(listed):
+            # Streams may share a hardware queue, so nothing may be queued before a kernel it waits for: fetch
+            # after the send (it waits for the CPU, which waits for the send) and before the hot rows' down kernel
+            # (which waits for fetch's flag). ffn_one, queued before both, leaves the add to cold.add.
             self._send(slot, x, active, wait_first=not listed)
-            with torch.cuda.stream(self.side):  # queued after the send: streams may share a hardware queue
+            with torch.cuda.stream(self.side):
                 self._fetch(slot)
 
         return hot(send_and_fetch, residual, ColdPart(self, slot))
