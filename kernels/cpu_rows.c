@@ -422,18 +422,18 @@ static double now(void) {
   return ts.tv_sec + 1e-9 * ts.tv_nsec;
 }
 
-// The CPU half of one decode step (one token). For each split layer l in order: wait until the GPU has written
-// x_host (d, type x_type) and row l of cold_list and set x_ready[l] = epoch, compute the layer's listed cold rows
-// into y_host (same type), then set y_ready[l] = epoch (the GPU waits for it). cold_list (n_layers, list_len)
-// int32, written by handoff.cu send_to_host: per layer, its active neurons, the number n of its active cold
-// rows, then those rows (indices into the layer's rows, ascending). Only the first k = max(1, min(n, n_threads))
-// threads take part in a layer (the others go on to wait for the next one, so a late one must still find this
-// layer's list: one row per layer). Each computes the activations of its share of the listed rows (gate, up);
-// they meet once; then each adds every listed row's down row times its activation over its own slice of the
-// columns, in list order, and writes that slice of y (no partial sums to add up across threads, and y does not
-// depend on k); the last to finish raises the flag. times[2 l], times[2 l + 1]: when the input was seen and the
-// output published; counts[2 l], counts[2 l + 1]: the layer's active neurons and active cold rows (the GPU hit
-// rate). Returns 0, or -1 if the GPU did not signal within timeout_s.
+// The CPU half of one decode step (one token). For each split layer l in order: wait until the GPU has written x_host
+// (d, type x_type) and row l of cold_list and set x_ready[l] = epoch, compute the layer's listed cold rows into y_host
+// (same type), then set y_ready[l] = epoch (the GPU waits for it). cold_list (n_layers, list_len) int32, written by
+// handoff.cu send_to_host: per layer, its active neurons, the number n of its active cold rows, then those rows
+// (indices into the layer's rows, ascending). In a layer of more than FEW_ROWS rows (or of none; a few rows: below)
+// only the first k = max(1, min(n, n_threads)) threads take part (the others go on to wait for the next one, so a late
+// one must still find this layer's list: one row per layer). Each computes the activations of its share of the listed
+// rows (gate, up); they meet once; then each adds every listed row's down row times its activation over its own slice
+// of the columns, in list order, and writes that slice of y (no partial sums to add up across threads, and y does not
+// depend on k); the last to finish raises the flag. times[2 l], times[2 l + 1]: when the input was seen and the output
+// published; counts[2 l], counts[2 l + 1]: the layer's active neurons and active cold rows (the GPU hit rate). Returns
+// 0, or -1 if the GPU did not signal within timeout_s.
 // A layer with at most FEW_ROWS listed rows (a well placed layer's usual case) is split by columns instead, so
 // that every thread takes part: blocks of COL_BLOCK columns, each thread a run of them, whose slices of every
 // listed row (gate, up and down) it asks for at once; each block's share of each row's gate and up products is

@@ -100,8 +100,9 @@ extern "C" __global__ void __launch_bounds__(THREADS) send_to_host(
 
 // Wait until the CPU sets *y_ready = *epoch (or timeout_ns passes: *error = 1), then copy its result (n_bytes at
 // y_host) to y_cold on the GPU and set *fetched = *epoch there (the hot rows' down kernel adds it once it sees
-// that). Launched right after send_to_host, it waits beside the hot rows, so the reads across PCIe (the flag,
-// then the result) are off the GPU's path. Volatile reads: never a cached line of an earlier layer's result.
+// that). Launched on a second stream right after send_to_host, it waits beside the hot rows, so the reads across
+// PCIe (the flag, then the result) are off the GPU's path. Volatile reads: never a cached line of an earlier
+// layer's result.
 extern "C" __global__ void __launch_bounds__(FETCH_THREADS) fetch_from_host(
     const unsigned char* y_host, unsigned char* __restrict__ y_cold, long long n_bytes, const int* y_ready,
     const int* epoch, int* error, long long timeout_ns, int* fetched) {
