@@ -189,6 +189,8 @@ def test_cold_step_follows_the_flags_layer_by_layer(dtype, weight_type, threads)
             active = random_mask(1, n_ff, (0.0, 0.4, 0.0, 0.4)[slot])[0]
             if slot == 2:  # a few active cold rows
                 active[rows.neuron_idx[[5, 6, 20, 41, 69]]] = True
+            elif slot in (1, 3):  # many (more than cold_step's FEW_ROWS, whatever the draw): split by rows
+                active[rows.neuron_idx[:20]] = True
             listed = cpu.ColdStep.list_of(rows, active)
             counts[slot] = listed[:2]
             x_host.copy_(x)
