@@ -160,10 +160,10 @@ def sparse_ffn(x, rows: FFNRows, active, act="relu", threshold=0.0, out=None, re
     if rows.m == 0 or x.shape[0] == 0:
         if beside is not None:
             beside(False)
-        added = False
-        out.zero_()
-    else:
-        added = get_backend(rows.device.type).ffn(x, rows, active, act, float(threshold), out, residual, beside, cold)
+        if cold is None:
+            return out.zero_() if residual is None else out.copy_(residual)
+        return cold.add(out.zero_(), residual)
+    added = get_backend(rows.device.type).ffn(x, rows, active, act, float(threshold), out, residual, beside, cold)
     if cold is not None and not added:
         return cold.add(out, residual)
     if residual is not None and not added:

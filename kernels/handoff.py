@@ -85,8 +85,6 @@ class Handoff:
         main = torch.cuda.current_stream(self.device)
         self.side.wait_stream(main)
         x, active = x.contiguous(), active.contiguous()
-        if residual is not None:
-            residual = residual.contiguous()
 
         def send_and_fetch(listed):
             # Streams may share a hardware queue, so nothing may be queued before a kernel it waits for: fetch
@@ -168,9 +166,11 @@ class ColdPart:
         main = torch.cuda.current_stream(h.device)
         main.wait_stream(h.side)
         y_gpu = y_gpu.contiguous()
-        if residual is not None and (residual.dtype != y_gpu.dtype or residual.numel() != y_gpu.numel()):
-            raise ValueError(f"residual: expected {y_gpu.numel()} elements of {y_gpu.dtype}, got "
-                             f"{residual.numel()} of {residual.dtype}")
+        if residual is not None:
+            if residual.dtype != y_gpu.dtype or residual.numel() != y_gpu.numel():
+                raise ValueError(f"residual: expected {y_gpu.numel()} elements of {y_gpu.dtype}, got "
+                                 f"{residual.numel()} of {residual.dtype}")
+            residual = residual.contiguous()
         out = torch.empty_like(y_gpu)
         _launch("add_parts", (ptr(y_gpu), ptr(h.y_cold), np.uint64(0) if residual is None else ptr(residual),
                               ptr(out), np.int32(y_gpu.numel()), np.int32(DTYPE_CODES[y_gpu.dtype])), h.device)
