@@ -89,19 +89,27 @@ __device__ __forceinline__ void rms_normalize(const uint4* xs, int nvec, int k, 
   }
 }
 
-// The GEMV_LOADS 16-byte vectors i, i + stride, ... of a weight row (zero past nvec), loaded at once.
+// The GEMV_LOADS 16-byte vectors of a group of R rows of W (n rows of nvec vectors), loaded at once: slot u
+// holds vector i + stride (u % (GEMV_LOADS / R)) of row R group + u / (GEMV_LOADS / R), zero past the rows' ends.
 #define GEMV_LOADS 8
-__device__ __forceinline__ void load_row_vectors(const uint4* row, int i, int stride, int nvec, uint4* v) {
+template <int R>
+__device__ __forceinline__ void load_row_vectors(const uint4* w, int group, int n, int i, int stride, int nvec,
+                                                 uint4* v) {
+  constexpr int PER_ROW = GEMV_LOADS / R;
 #pragma unroll
-  for (int u = 0; u < GEMV_LOADS; ++u)
-    v[u] = i + stride * u < nvec ? __ldcs(row + i + stride * u) : make_uint4(0, 0, 0, 0);
+  for (int u = 0; u < GEMV_LOADS; ++u) {
+    const int row = R * group + u / PER_ROW, c = i + stride * (u % PER_ROW);
+    v[u] = row < n && c < nvec ? __ldcs(w + (size_t)row * nvec + c) : make_uint4(0, 0, 0, 0);
+  }
 }
 
 // y = W x for one token: W (n, k) row-major, k a multiple of 8, rows 16-byte aligned. A warp group of WPR warps
-// (several for short, wide matrices, so that enough loads are in flight) takes rows g, g + groups, ... where the
-// grid (at most as many blocks as fit the GPU at once) holds `groups` of them, 8 / WPR a block; each lane loads
-// GEMV_LOADS 16-byte vectors at a time and issues the next ones (further along the row, or the next row) before
-// it adds up the current ones, so a warp always has loads in flight; a row's warps add their sums in order.
+// (several for short, wide matrices, so that enough loads are in flight) takes row groups g, g + groups, ...
+// where the grid (at most as many blocks as fit the GPU at once) holds `groups` of them, 8 / WPR a block; a row
+// group is R rows (R > 1 for rows of at most GEMV_LOADS / R vectors a lane, so that short rows such as the
+// predictor fc2's still fill every load slot); each lane loads GEMV_LOADS 16-byte vectors at a time and issues
+// the next ones (further along the rows, or the next group's) before it adds up the current ones, so a warp
+// always has loads in flight; a row's warps add their sums in order.
 // The first loads go out before the kernel waits for the previous one and stages x in shared memory (they do
 // not depend on it).
 // Epilogue: STORE y, RELU relu(y) (both in the dtype), AT_LEAST a bool mask y >= threshold of y rounded to the
@@ -110,7 +118,7 @@ __device__ __forceinline__ void load_row_vectors(const uint4* row, int i, int st
 // also writes RMSNorm(x) to norm_out (the FFN's input, next to the predictor reading the residual). STORE adds
 // residual (n elements, may be null) as the torch add would: round(round(y) + residual). Dynamic shared memory:
 // x (2 k bytes).
-template <int DT, int EPI, int WPR, int NORM>
+template <int DT, int EPI, int WPR, int NORM, int R>
 __global__ void __launch_bounds__(256) gemv(const unsigned short* __restrict__ w, const unsigned short* __restrict__ x,
                                             int n, int k, float threshold, void* __restrict__ out,
                                             const unsigned short* __restrict__ norm_w, float eps,
@@ -118,15 +126,17 @@ __global__ void __launch_bounds__(256) gemv(const unsigned short* __restrict__ w
                                             unsigned short* __restrict__ norm_out) {
   extern __shared__ uint4 xs[];
   __shared__ float sums[8];
-  const int nvec = k / 8, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  static_assert(R == 1 || WPR == 1, "row groups of several rows take one warp each");
+  constexpr int PER_ROW = GEMV_LOADS / R;  // load slots a row
+  const int nvec = k / 8, lane = threadIdx.x % 32, warp = threadIdx.x / 32, n_groups = (n + R - 1) / R;
   const int per_block = 8 / WPR, stride = 32 * WPR, first = (warp % WPR) * 32 + lane;
-  const int step = gridDim.x * per_block;  // from one of a group's rows to its next
-  const int rounds = (n - (int)blockIdx.x * per_block + step - 1) / step;  // the same for the block's warps
+  const int step = gridDim.x * per_block;  // from one of a warp group's row groups to its next
+  const int rounds = (n_groups - (int)blockIdx.x * per_block + step - 1) / step;  // the same for the block's warps
   const uint4* wv = reinterpret_cast<const uint4*>(w);
-  int row = blockIdx.x * per_block + warp / WPR, i = first;
+  int group = blockIdx.x * per_block + warp / WPR, i = first;
   uint4 cur[GEMV_LOADS], next[GEMV_LOADS];
   pdl_launch_next();
-  if (row < n) load_row_vectors(wv + (size_t)row * nvec, i, stride, nvec, cur);
+  load_row_vectors<R>(wv, group, n, i, stride, nvec, cur);
   pdl_wait();  // the weight loads above overlap the previous kernel's end
   for (int v = threadIdx.x; v < nvec; v += blockDim.x) xs[v] = __ldg(reinterpret_cast<const uint4*>(x) + v);
   __syncthreads();
@@ -136,38 +146,46 @@ __global__ void __launch_bounds__(256) gemv(const unsigned short* __restrict__ w
   } else if (NORM == NORM_OUT && blockIdx.x == 0) {
     rms_normalize<DT>(xs, nvec, k, norm_w, eps, reinterpret_cast<uint4*>(norm_out));
   }
-  for (int r = 0; r < rounds; ++r, row += step) {
-    float acc = 0.f;
-    bool row_done = false;
-    while (!row_done) {
-      int i_next = i + stride * GEMV_LOADS, row_next = row;
-      row_done = i_next >= nvec;
-      if (row_done) {
-        i_next = first;
-        row_next = row + step;
-      }
-      if (row_next < n) load_row_vectors(wv + (size_t)row_next * nvec, i_next, stride, nvec, next);
-      if (row < n) {
+  for (int r = 0; r < rounds; ++r, group += step) {
+    float acc[R];
 #pragma unroll
-        for (int u = 0; u < GEMV_LOADS; ++u)
-          if (i + stride * u < nvec) acc += dot8<DT>(cur[u], xs[i + stride * u]);
+    for (int q = 0; q < R; ++q) acc[q] = 0.f;
+    bool group_done = false;
+    while (!group_done) {
+      int i_next = i + stride * PER_ROW, group_next = group;
+      group_done = i_next >= nvec;
+      if (group_done) {
+        i_next = first;
+        group_next = group + step;
+      }
+      if (group_next < n_groups) load_row_vectors<R>(wv, group_next, n, i_next, stride, nvec, next);
+      if (group < n_groups) {
+#pragma unroll
+        for (int u = 0; u < GEMV_LOADS; ++u) {
+          const int c = i + stride * (u % PER_ROW);
+          if (c < nvec) acc[u / PER_ROW] += dot8<DT>(cur[u], xs[c]);
+        }
       }
 #pragma unroll
       for (int u = 0; u < GEMV_LOADS; ++u) cur[u] = next[u];
       i = i_next;
     }
-    acc = warp_sum(acc);
-    if (WPR > 1) {
-      if (lane == 0) sums[warp] = acc;
-      __syncthreads();
-      acc = 0.f;
-      for (int s = 0; s < WPR; ++s) acc += sums[warp - warp % WPR + s];
-      __syncthreads();  // sums is written again for the next row
+#pragma unroll
+    for (int q = 0; q < R; ++q) {
+      float y = warp_sum(acc[q]);
+      if (WPR > 1) {
+        if (lane == 0) sums[warp] = y;
+        __syncthreads();
+        y = 0.f;
+        for (int s = 0; s < WPR; ++s) y += sums[warp - warp % WPR + s];
+        __syncthreads();  // sums is written again for the next row
+      }
+      const int row = R * group + q;
+      if (lane || warp % WPR || row >= n) continue;
+      if (EPI == AT_LEAST) reinterpret_cast<bool*>(out)[row] = round_f<DT>(y) >= threshold;
+      else if (EPI == RELU) reinterpret_cast<unsigned short*>(out)[row] = from_f<DT>(fmaxf(y, 0.f));
+      else reinterpret_cast<unsigned short*>(out)[row] = round_add(y, residual ? residual + row : nullptr, DT);
     }
-    if (lane || warp % WPR || row >= n) continue;
-    if (EPI == AT_LEAST) reinterpret_cast<bool*>(out)[row] = round_f<DT>(acc) >= threshold;
-    else if (EPI == RELU) reinterpret_cast<unsigned short*>(out)[row] = from_f<DT>(fmaxf(acc, 0.f));
-    else reinterpret_cast<unsigned short*>(out)[row] = round_add(acc, residual ? residual + row : nullptr, DT);
   }
 }
 

@@ -36,13 +36,17 @@ GEMV_VARIANTS = [(e, 0) for e in EPILOGUES.values()] + [(EPILOGUES["store"], 1),
 # compiled for; gemv takes the fewest that still give every SM a block (7B's predictor fc1, 1024 x 4096: two, so
 # that its 256 blocks load every row before they wait)
 GEMV_WARPS_PER_ROW = (1, 2, 4, 8)
+# with one warp a row, rows short enough go R at a time (decode.cu's R: 7B's predictor fc2, k = 1024, two), so
+# that a lane's GEMV_LOADS load slots (decode.cu) all hold weights
+GEMV_LOADS = 8
+GEMV_ROW_GROUPS = (1, 2, 4)
 GEMV_MAX_K = 16 << 10  # x is staged in shared memory: 2 bytes an element, 32 KB
 GEMV_BLOCKS_PER_SM = 2  # gemv's grid at most (its blocks loop over the rows); 2 of 256 threads fit an SM
 NORM_THREADS = 512
 ATTENTION_THREADS = 512  # 128 keys of 128 elements in flight a block (4 a group of 16 threads)
 ATTENTION_HEAD_DIMS = (8, 16, 32, 64, 128, 256)  # 8 elements a thread, a key's threads within one warp
 ATTENTION_MAX_SPLITS = 32  # key splits per head at most; each leaves hd + 2 fp32 values
-ATTENTION_MIN_CHUNK = 128  # keys per split at least: a short context takes one block a head, no combining
+ATTENTION_MIN_CHUNK = 256  # keys per split at least: up to 256 keys, one block a head (two rounds), no combining
 
 
 def attention_workspace_bytes(n_heads: int, head_dim: int) -> int:
@@ -54,8 +58,8 @@ def attention_workspace_bytes(n_heads: int, head_dim: int) -> int:
 def _module():
     from .cuda import compile_module
 
-    names = [f"gemv<{dt},{e},{w},{norm}>" for dt in map(DTYPE_CODES.get, HALF_DTYPES) for e, norm in GEMV_VARIANTS
-             for w in GEMV_WARPS_PER_ROW]
+    names = [f"gemv<{dt},{e},{w},{norm},{r}>" for dt in map(DTYPE_CODES.get, HALF_DTYPES)
+             for e, norm in GEMV_VARIANTS for w in GEMV_WARPS_PER_ROW for r in GEMV_ROW_GROUPS if w == 1 or r == 1]
     names += [f"{k}<{dt}>" for k in ("rms_norm", "rope_table", "decode_attention")
               for dt in map(DTYPE_CODES.get, HALF_DTYPES)]
     return compile_module("decode.cu", names)
@@ -86,15 +90,24 @@ def gemv(weight: torch.Tensor, x: torch.Tensor, epilogue: str = "store", thresho
     n, k = weight.shape
     out = torch.empty(n, dtype=torch.bool if epilogue == "at_least" else x.dtype, device=x.device)
     normed = torch.empty_like(x) if side_norm is not None else None
-    sms = sm_count(x.device.index)
-    wpr = next(w for w in GEMV_WARPS_PER_ROW if w == 8 or n * w // 8 >= sms)
+    wpr, group, blocks = gemv_launch_shape(n, k, sm_count(x.device.index))
     norm_weight, eps = norm or side_norm or (None, 0.0)
     variant = NORMS["x" if norm is not None else "out" if side_norm is not None else None]
-    blocks = min(-(-n * wpr // 8), GEMV_BLOCKS_PER_SM * sms)
-    _launch(f"gemv<{DTYPE_CODES[x.dtype]},{EPILOGUES[epilogue]},{wpr},{variant}>", (blocks,), 256,
+    _launch(f"gemv<{DTYPE_CODES[x.dtype]},{EPILOGUES[epilogue]},{wpr},{variant},{group}>", (blocks,), 256,
             (weight, x, n, k, float(threshold), out, norm_weight, float(eps), residual, normed), x.device,
             shared_mem=2 * k)
     return out if normed is None else (out, normed)
+
+
+def gemv_launch_shape(n: int, k: int, sms: int) -> tuple[int, int, int]:
+    """(warps a row, rows a warp takes at once, blocks) of gemv over an (n, k) matrix on `sms` SMs: the fewest
+    warps a row that give every SM a block; with one, as many rows at once as a lane's load slots hold whole
+    while every SM still gets a block."""
+    wpr = next(w for w in GEMV_WARPS_PER_ROW if w == 8 or n * w // 8 >= sms)
+    group = max(r for r in GEMV_ROW_GROUPS
+                if r == 1 or (wpr == 1 and k // 8 <= 32 * GEMV_LOADS // r and n // r // 8 >= sms))
+    n_groups = -(-n // group)
+    return wpr, group, min(-(-n_groups * wpr // 8), GEMV_BLOCKS_PER_SM * sms)
 
 
 def gemv_reference(weight, x, epilogue="store", threshold=0.0, norm=None, residual=None, side_norm=None):

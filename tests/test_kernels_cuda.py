@@ -83,6 +83,22 @@ def test_gate_up_segments_and_x_read_in_place(weight_type, x_dtype, monkeypatch)
         assert rel_err(h, sparse_gate_up_reference(x.double(), gate, up, rows.neuron_idx, active, "silu")) < 2e-6
 
 
+@pytest.mark.parametrize("weight_type", ["f32", "f16", "bf16"])
+def test_one_token_rows_up_to_the_longest(weight_type):
+    """gate_up_one and ffn_one over rows of ONE_TOKEN_MAX_X elements, the longest they take (x staged in shared
+    memory as fp32 beside the lists), at densities that list from a few rows a block to all 32."""
+    d = cuda_backend.ONE_TOKEN_MAX_X
+    rows, (gate, up, down_t) = case(weight_type, m=300, d=d)
+    for density in (0.05, 0.6, 1.0):
+        x, active = torch.randn(1, d, device="cuda"), random_mask(1, 2500, density).cuda()
+        h = torch.full((1, rows.m), float("nan"), device="cuda")
+        sparse_gate_up(x, rows, active, "silu", out=h)
+        assert rel_err(h, sparse_gate_up_reference(x.double(), gate, up, rows.neuron_idx, active, "silu")) < 2e-6
+        y = sparse_ffn(x, rows, active, "silu", out=torch.empty(1, d, device="cuda"))
+        ref = sparse_ffn_reference(x.double(), gate, up, down_t, rows.neuron_idx, active, "silu")
+        assert rel_err(y, ref) < 2e-6, density
+
+
 @pytest.mark.parametrize("T", [1, 3])
 @pytest.mark.parametrize("weight_type", ["f16", "q4_0"])
 def test_full_length_output_writes_only_owned_columns(weight_type, T):

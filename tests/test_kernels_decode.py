@@ -19,8 +19,10 @@ def rel_err(a, b):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n,k", [(1, 8), (37, 1000), (1000, 4096), (12288, 4096), (11008, 1024), (576, 16384),
-                                 (960, 576)])
+                                 (960, 576), (4400, 512), (4403, 200), (9000, 1032)])
 def test_gemv_matches_float64(dtype, n, k):
+    """Every launch shape: 1 to 8 warps a row, and 2 or 4 short rows a warp at once (11008 x 1024: 7B's predictor
+    fc2; 4403 x 200: a last group of 3 rows)."""
     w = torch.randn(n, k, device="cuda").to(dtype)
     x = torch.randn(k, device="cuda").to(dtype)
     want = w.double() @ x.double()
@@ -34,8 +36,18 @@ def test_gemv_matches_float64(dtype, n, k):
     assert mask.dtype == torch.bool and torch.equal(mask[~near], (rounded >= threshold)[~near])
 
 
+def test_gemv_launch_shapes():
+    """Short rows go several at a time only while every SM still gets a block."""
+    assert decode.gemv_launch_shape(11008, 1024, 132) == (1, 2, 264)  # 7B's predictor fc2
+    assert decode.gemv_launch_shape(4400, 512, 132) == (1, 4, 138)
+    assert decode.gemv_launch_shape(12288, 4096, 132) == (1, 1, 264)  # 7B's wqkv
+    assert decode.gemv_launch_shape(1536, 1024, 132) == (1, 1, 192)  # two at a time would leave SMs idle
+    assert decode.gemv_launch_shape(960, 576, 132) == (2, 1, 240)
+    assert decode.gemv_launch_shape(9000, 1032, 132) == (1, 1, 264)  # one vector more than two rows' slots
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("n,k", [(37, 1000), (12288, 4096), (576, 576)])
+@pytest.mark.parametrize("n,k", [(37, 1000), (12288, 4096), (576, 576), (11008, 1024)])
 def test_gemv_with_the_norm_before_and_the_residual_after(dtype, n, k):
     """wqkv's product takes attention_norm's place and wo's adds the residual: as the two torch ops round."""
     w = torch.randn(n, k, device="cuda").to(dtype)
