@@ -28,7 +28,9 @@ SEGMENT = 1024  # gate_up: row elements per work item
 GATE_UP_SMEM = 24 << 10  # gate_up's dynamic shared memory at most (its 18 KB static stay under 48 KB)
 # From this many tokens on, float rows go through cuBLAS over all rows (measured by `python -m kernels.bench`).
 DENSE_MIN_TOKENS = 4
-ONE_TOKEN_MAX_X = 12 << 10  # gate_up_one stages x in shared memory as fp32: at most 48 KB
+# gate_up_one and ffn_one stage x in shared memory as fp32, beside their static lists, within the 48 KB a launch
+# gets without opting in (12K elements failed to launch)
+ONE_TOKEN_MAX_X = 11 << 10
 DONE_COUNTERS = 4096  # column blocks of 256: rows of up to 1M elements (16 KB; the ledger's small buffers)
 # ffn_one takes one-token steps over rows of at most this many bytes: a block's chain of dependent reads (list,
 # gate/up, down, the last block's write) beats two launches only while the rows are few (`python -m kernels.bench
