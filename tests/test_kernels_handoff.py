@@ -3,7 +3,7 @@ inside a CUDA graph, against float64 math; and both sides' timeouts."""
 import pytest
 import torch
 
-from kernels import FFNRows, sparse_ffn_reference
+from kernels import FFNRows, sparse_ffn, sparse_ffn_reference
 from kernels.cases import random_mask, random_share
 from kernels.cpu import ColdStep
 
@@ -71,6 +71,30 @@ def test_eager_steps_add_the_cold_rows(dtype, dim, with_residual):
             cold = sum(int(m[0, rows.neuron_idx.cuda()].sum()) for rows, m in zip(layers, masks))
             assert steps[-1][1:] == (active, cold) and steps[-1][0] > 0
     assert handoff.host_epoch == int(handoff.epoch) == 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_hot_rows_down_kernel_adds_the_cold_rows(dtype, monkeypatch):
+    """Hot rows on gate_up_one + down_partial: the down kernel's last blocks wait for the fetched CPU share and
+    write residual + (hot + cold) themselves (no add_parts), in 16-bit and fp32 outputs."""
+    monkeypatch.setattr("kernels.cuda.ONE_LAUNCH_MAX_BYTES", 0)
+    layers, handoff = make(dtype)
+    hot_rows = FFNRows.pack(*random_share(200, D, N_FF, scale=0.1), "cuda", "f16")
+    hot_dense = [t.double() for t in hot_rows.dense()]
+    with handoff.engage():
+        xs, masks, _ = fresh_inputs(len(layers), dtype)
+        residuals = [torch.randn(1, D, device="cuda").to(dtype) for _ in layers]
+        with handoff.cpu_alongside():
+            handoff.begin_step()
+            outs = [handoff.exchange(slot, x, mask, lambda beside, residual, cold, x=x, mask=mask: sparse_ffn(
+                        x, hot_rows, mask, residual=residual, beside=beside, cold=cold), residual)
+                    for slot, (x, mask, residual) in enumerate(zip(xs, masks, residuals))]
+            handoff.end_step()
+        torch.cuda.synchronize()
+    for rows, x, mask, residual, out in zip(layers, xs, masks, residuals, outs):
+        y_hot = sparse_ffn_reference(x.double(), *hot_dense, hot_rows.neuron_idx, mask)
+        want = (residual.cpu() + expected(rows, x, mask, y_hot).to(dtype)).double()
+        assert out.dtype == dtype and rel_err(out, want) < RTOL[dtype]
 
 
 @pytest.mark.parametrize("m,n_ff,density", [(300, N_FF, 0.3), (2500, 4000, 0.3), (2500, 4000, 0.0),
