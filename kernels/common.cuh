@@ -34,6 +34,12 @@ __device__ __forceinline__ unsigned short add_cold(float hot, unsigned short col
   return round_add(from_half(to_half(hot, type), type) + from_half(cold, type), r, type);
 }
 
+// The same in fp32: *r + (hot + cold) (r may be null).
+__device__ __forceinline__ float add_cold(float hot, float cold, const float* r) {
+  const float s = hot + cold;
+  return r ? *r + s : s;
+}
+
 // Thread 0 of a block waits until *flag (read fresh) equals want, or sets *error = 1 after timeout_ns, and fences
 // (so that the block's reads after this come after the flag's, by the barrier; SYSTEM: a flag the CPU sets, else
 // one set on the GPU); the block then goes on.

@@ -123,8 +123,7 @@ extern "C" __global__ void __launch_bounds__(FETCH_THREADS) fetch_from_host(
 __device__ __forceinline__ unsigned int add_word(unsigned int gpu, unsigned int cold, unsigned int res, bool has_res,
                                                  int type, int half) {
   const unsigned short g = gpu >> (16 * half), c = cold >> (16 * half), r = res >> (16 * half);
-  const float hot = from_half(g, type);
-  return (unsigned int)(has_res ? add_cold(hot, c, &r, type) : add_cold(hot, c, nullptr, type)) << (16 * half);
+  return (unsigned int)add_cold(from_half(g, type), c, has_res ? &r : nullptr, type) << (16 * half);
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS) add_parts(
@@ -144,8 +143,8 @@ extern "C" __global__ void __launch_bounds__(THREADS) add_parts(
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
       if (type == 0) {
-        const float s = __uint_as_float(av[q]) + __uint_as_float(bv[q]);
-        o[q] = __float_as_uint(has_res ? __uint_as_float(rv[q]) + s : s);
+        const float rf = __uint_as_float(rv[q]);
+        o[q] = __float_as_uint(add_cold(__uint_as_float(av[q]), __uint_as_float(bv[q]), has_res ? &rf : nullptr));
       } else {
         o[q] = add_word(av[q], bv[q], rv[q], has_res, type, 0) | add_word(av[q], bv[q], rv[q], has_res, type, 1);
       }
@@ -154,8 +153,8 @@ extern "C" __global__ void __launch_bounds__(THREADS) add_parts(
   }
   for (int i = vectors * per + threadIdx.x; i < d; i += THREADS) {
     if (type == 0) {
-      const float s = ((const float*)y_gpu)[i] + ((const float*)y_cold)[i];
-      ((float*)out)[i] = has_res ? ((const float*)residual)[i] + s : s;
+      ((float*)out)[i] = add_cold(((const float*)y_gpu)[i], ((const float*)y_cold)[i],
+                                  has_res ? (const float*)residual + i : nullptr);
     } else {
       const float hot = from_half(((const unsigned short*)y_gpu)[i], type);
       ((unsigned short*)out)[i] = add_cold(hot, ((const unsigned short*)y_cold)[i],

@@ -736,8 +736,9 @@ __global__ void __launch_bounds__(256) down_partial(
       if (out_type == 0) reinterpret_cast<float*>(y)[o] = sum;
       else reinterpret_cast<unsigned short*>(y)[o] = to_half(sum, out_type);
     } else if (out_type == 0) {
-      const float s = sum + __ldcg(reinterpret_cast<const float*>(cold) + o);
-      reinterpret_cast<float*>(y)[o] = residual ? reinterpret_cast<const float*>(residual)[o] + s : s;
+      const float* r = reinterpret_cast<const float*>(residual);
+      reinterpret_cast<float*>(y)[o] =
+          add_cold(sum, __ldcg(reinterpret_cast<const float*>(cold) + o), r ? r + o : nullptr);
     } else {
       const unsigned short* r = reinterpret_cast<const unsigned short*>(residual);
       reinterpret_cast<unsigned short*>(y)[o] =
