@@ -411,6 +411,22 @@ __device__ __forceinline__ void red_add8(float* acc, const float* v) {
 #endif
 }
 
+// y[o] (out_type: fp32 0, fp16 1, bf16 2) = residual[o] + (s + cold[o]) for an fp32 sum s, rounded as the torch
+// adds of the rounded sum would; residual and cold (y's type) may be null.
+__device__ __forceinline__ void store_sum(float s, long long o, void* y, int out_type, const void* residual,
+                                          const void* cold) {
+  if (out_type == 0) {
+    const float* r = reinterpret_cast<const float*>(residual);
+    reinterpret_cast<float*>(y)[o] =
+        cold ? add_cold(s, __ldcg(reinterpret_cast<const float*>(cold) + o), r ? r + o : nullptr) : (r ? r[o] + s : s);
+  } else {
+    const unsigned short* r = reinterpret_cast<const unsigned short*>(residual);
+    reinterpret_cast<unsigned short*>(y)[o] =
+        cold ? add_cold(s, __ldcg(reinterpret_cast<const unsigned short*>(cold) + o), r ? r + o : nullptr, out_type)
+             : round_add(s, r ? r + o : nullptr, out_type);
+  }
+}
+
 // Called by every thread of every block once its atomic adds into acc (xpad fp32, zero between launches) are
 // issued: the grid's last block to get here (counted in *done) writes y (d elements, out_type: fp32 0, fp16 1,
 // bf16 2) = residual (y's type, may be null) + acc, rounded as the torch add of the rounded sum would, and
@@ -427,13 +443,7 @@ __device__ __forceinline__ void write_sums_if_last(float* acc, int* done, int d,
   for (int c = threadIdx.x; c < xpad; c += blockDim.x) {
     const float s = __ldcg(acc + c);
     __stcg(acc + c, 0.0f);
-    if (c >= d) continue;
-    if (out_type == 0) {
-      reinterpret_cast<float*>(y)[c] = residual ? s + reinterpret_cast<const float*>(residual)[c] : s;
-    } else {
-      const unsigned short* r = reinterpret_cast<const unsigned short*>(residual);
-      reinterpret_cast<unsigned short*>(y)[c] = round_add(s, r ? r + c : nullptr, out_type);
-    }
+    if (c < d) store_sum(s, c, y, out_type, residual, nullptr);
   }
   if (threadIdx.x == 0) *done = 0;
 }
@@ -731,19 +741,7 @@ __global__ void __launch_bounds__(256) down_partial(
     float sum = 0.0f;
 #pragma unroll 8
     for (int k = 0; k < (int)gridDim.y; ++k) sum += __ldcg(partial + ((long long)k * T + t) * d + cc);
-    const long long o = (long long)t * d + cc;
-    if (cold == nullptr) {
-      if (out_type == 0) reinterpret_cast<float*>(y)[o] = sum;
-      else reinterpret_cast<unsigned short*>(y)[o] = to_half(sum, out_type);
-    } else if (out_type == 0) {
-      const float* r = reinterpret_cast<const float*>(residual);
-      reinterpret_cast<float*>(y)[o] =
-          add_cold(sum, __ldcg(reinterpret_cast<const float*>(cold) + o), r ? r + o : nullptr);
-    } else {
-      const unsigned short* r = reinterpret_cast<const unsigned short*>(residual);
-      reinterpret_cast<unsigned short*>(y)[o] =
-          add_cold(sum, __ldcg(reinterpret_cast<const unsigned short*>(cold) + o), r ? r + o : nullptr, out_type);
-    }
+    store_sum(sum, (long long)t * d + cc, y, out_type, residual, cold);  // residual: null without cold
   }
   if (threadIdx.x == 0) done[blockIdx.x] = 0;
 }
