@@ -380,3 +380,67 @@ __global__ void decode_attention(const unsigned short* __restrict__ qkv, const u
   if (threadIdx.x == 0) counters[h] = 0;
 }
 
+
+// Whether (a, ia) goes before (b, ib) for torch.argmax: NaN above everything, then the larger value, then the
+// smaller index.
+__device__ __forceinline__ bool argmax_before(float a, int ia, float b, int ib) {
+  const bool na = a != a, nb = b != b;
+  if (na || nb) return na && (!nb || ia < ib);
+  return a > b || (a == b && ia < ib);
+}
+
+// Greedy decoding's end of step on the GPU, in one block (Generator._advance): the argmax of fp32 logits (n of
+// them), as torch.argmax picks it, becomes the next step's *token; ring[*pos % 2] takes it and ring_host (pinned
+// host memory, two slots) a copy of ring; *pos moves on by one.
+#define ARGMAX_THREADS 1024
+extern "C" __global__ void __launch_bounds__(ARGMAX_THREADS) greedy_advance(const float* __restrict__ logits, int n,
+                                                                            long long* token, long long* pos,
+                                                                            long long* ring, long long* ring_host) {
+  __shared__ float warp_v[ARGMAX_THREADS / 32];
+  __shared__ int warp_i[ARGMAX_THREADS / 32];
+  pdl_start();
+  float v = NEG_INF;
+  int idx = n;  // none yet: any value goes before it
+#pragma unroll 8
+  for (int i = threadIdx.x; i < n; i += ARGMAX_THREADS) {
+    const float x = logits[i];
+    if (argmax_before(x, i, v, idx)) {
+      v = x;
+      idx = i;
+    }
+  }
+  for (int off = 16; off > 0; off >>= 1) {
+    const float ov = __shfl_xor_sync(FULL_MASK, v, off);
+    const int oi = __shfl_xor_sync(FULL_MASK, idx, off);
+    if (argmax_before(ov, oi, v, idx)) {
+      v = ov;
+      idx = oi;
+    }
+  }
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (lane == 0) {
+    warp_v[warp] = v;
+    warp_i[warp] = idx;
+  }
+  __syncthreads();
+  if (warp != 0) return;
+  v = warp_v[lane];
+  idx = warp_i[lane];
+  for (int off = 16; off > 0; off >>= 1) {
+    const float ov = __shfl_xor_sync(FULL_MASK, v, off);
+    const int oi = __shfl_xor_sync(FULL_MASK, idx, off);
+    if (argmax_before(ov, oi, v, idx)) {
+      v = ov;
+      idx = oi;
+    }
+  }
+  if (lane == 0) {
+    const long long p = *pos;
+    *token = idx;
+    ring[p & 1] = idx;
+    ring_host[p & 1] = idx;
+    ring_host[(p & 1) ^ 1] = ring[(p & 1) ^ 1];
+    __threadfence_system();
+    *pos = p + 1;
+  }
+}

@@ -71,12 +71,14 @@ def get_backend(device_type: str):
 
 def use_decode_kernels(model) -> bool:
     """Run the model's one-token CUDA steps on the fused kernels of kernels.decode (attention, norms, predictors)
-    where CuPy's CUDA backend is available; False (the model unchanged) otherwise."""
+    where CuPy's CUDA backend is available (True; a model switched before stays so); False (the model unchanged)
+    otherwise."""
     if get_backend("cuda").name != "cuda":
         return False
     from .decode import use_decode_kernels as switch
 
-    return switch(model) > 0
+    switch(model)
+    return True
 
 
 def _check_tensor(name, t, dtypes, shape, device):

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kernels import use_decode_kernels
+from kernels.decode import greedy_advance, greedy_advance_reference
 
 from .errors import InputError
 from .sampling import Sampler, SamplingParams
@@ -58,8 +59,10 @@ class Generator:
         host_steps = any(getattr(layer.feed_forward, "splits", False) for layer in model.layers) \
             and getattr(model, "handoff", None) is None
         self.use_graph = use_cuda_graph and self.device.type == "cuda" and not host_steps
-        if decode_kernels and self.device.type == "cuda":
-            use_decode_kernels(model)
+        # the decode kernels' greedy end of step where CuPy's CUDA backend runs them, else torch's ops
+        self.greedy_advance = greedy_advance_reference
+        if decode_kernels and self.device.type == "cuda" and use_decode_kernels(model):
+            self.greedy_advance = greedy_advance
         self.graphs = {}  # attended cache length -> its captured DecodeGraph
         # all GPU work on one stream of our own: graph capture needs a side stream, and every stream that runs a
         # matrix product holds a cuBLAS workspace (the VRAM ledger charges one)
@@ -128,11 +131,7 @@ class Generator:
     def _advance(self, logits: torch.Tensor) -> None:
         """GPU, at the end of each captured step: its argmax becomes the next step's token (and goes to the host's
         ring slot of this position), the position moves on by one."""
-        token = torch.argmax(logits[0, -1]).view(1)
-        self.static_token.view(1).copy_(token)
-        self.argmax_ring.index_copy_(0, self.static_pos % 2, token)
-        self.argmax_host.copy_(self.argmax_ring, non_blocking=True)
-        self.static_pos.add_(1)
+        self.greedy_advance(logits[0, -1], self.static_token, self.static_pos, self.argmax_ring, self.argmax_host)
 
     @torch.inference_mode()
     def generate(self, prompt: list[int], max_new_tokens: int, params: SamplingParams | None = None,

@@ -220,3 +220,23 @@ def test_model_decode_on_the_kernels_matches_torch(dtype):
     for step in range(8):
         logits = [g.decode(step + 3, len(prompt) + step) for g in gens]
         assert rel_err(logits[1], logits[0]) < 8 * ULP[dtype]
+
+
+@pytest.mark.parametrize("n", [1, 7, 1000, 32000, 32001, 151936])
+def test_greedy_advance_is_torchs(n):
+    """The end of a greedy step in one launch against torch's ops: ties (the first index wins), NaN (above every
+    value), all -inf, at even and odd positions: the token, the position, the ring and its pinned host copy."""
+    rng = torch.Generator().manual_seed(n)
+    tie, nan = torch.randn(n, generator=rng), torch.randn(n, generator=rng)
+    tie[n // 3] = tie[n - 1] = tie.max() + 1
+    nan[n // 2] = nan[n - 1] = float("nan")
+    for logits in (torch.randn(n, generator=rng), tie, nan, torch.full((n,), float("-inf"))):
+        for pos in (6, 9):
+            states = []
+            for advance in (decode.greedy_advance, decode.greedy_advance_reference):
+                token, at = torch.zeros((1, 1), dtype=torch.long, device="cuda"), torch.tensor([pos], device="cuda")
+                ring, host = torch.tensor([11, 12], device="cuda"), torch.zeros(2, dtype=torch.long, pin_memory=True)
+                advance(logits.cuda(), token, at, ring, host)
+                torch.cuda.synchronize()
+                states.append((token.item(), at.item(), ring.tolist(), host.tolist()))
+            assert states[0] == states[1], (logits[:4], pos)
