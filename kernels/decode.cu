@@ -380,7 +380,6 @@ __global__ void decode_attention(const unsigned short* __restrict__ qkv, const u
   if (threadIdx.x == 0) counters[h] = 0;
 }
 
-
 // Whether (a, ia) goes before (b, ib) for torch.argmax: NaN above everything, then the larger value, then the
 // smaller index.
 __device__ __forceinline__ bool argmax_before(float a, int ia, float b, int ib) {

@@ -197,7 +197,8 @@ def greedy_advance(logits: torch.Tensor, token: torch.Tensor, pos: torch.Tensor,
     at a 32K vocabulary): token (1 int64) = the argmax of the fp32 logits (n,) as torch.argmax picks it;
     ring[pos % 2] = token (ring: 2 int64) and ring_host (2 int64, pinned) = ring; pos (1 int64) += 1."""
     if logits.dtype != torch.float32 or not logits.is_contiguous():
-        raise ValueError(f"logits: expected contiguous float32, got {logits.dtype}")
+        layout = "contiguous" if logits.is_contiguous() else "non-contiguous"
+        raise ValueError(f"logits: expected contiguous float32, got {layout} {logits.dtype}")
     _launch("greedy_advance", (1,), ARGMAX_THREADS, (logits, logits.numel(), token, pos, ring, ring_host),
             logits.device)
 

@@ -240,3 +240,5 @@ def test_greedy_advance_is_torchs(n):
                 torch.cuda.synchronize()
                 states.append((token.item(), at.item(), ring.tolist(), host.tolist()))
             assert states[0] == states[1], (logits[:4], pos)
+    with pytest.raises(ValueError, match="non-contiguous torch.float32"):
+        decode.greedy_advance(torch.zeros(4 * n, device="cuda")[::2], token, at, ring, host)
