@@ -388,6 +388,18 @@ __device__ __forceinline__ bool argmax_before(float a, int ia, float b, int ib) 
   return a > b || (a == b && ia < ib);
 }
 
+// (v, idx) of the warp's lanes that goes first, in every lane.
+__device__ __forceinline__ void warp_argmax(float& v, int& idx) {
+  for (int off = 16; off > 0; off >>= 1) {
+    const float ov = __shfl_xor_sync(FULL_MASK, v, off);
+    const int oi = __shfl_xor_sync(FULL_MASK, idx, off);
+    if (argmax_before(ov, oi, v, idx)) {
+      v = ov;
+      idx = oi;
+    }
+  }
+}
+
 // Greedy decoding's end of step on the GPU, in one block (Generator._advance): the argmax of fp32 logits (n of
 // them), as torch.argmax picks it, becomes the next step's *token; ring[*pos % 2] takes it and ring_host (pinned
 // host memory, two slots) a copy of ring; *pos moves on by one.
@@ -408,14 +420,7 @@ extern "C" __global__ void __launch_bounds__(ARGMAX_THREADS) greedy_advance(cons
       idx = i;
     }
   }
-  for (int off = 16; off > 0; off >>= 1) {
-    const float ov = __shfl_xor_sync(FULL_MASK, v, off);
-    const int oi = __shfl_xor_sync(FULL_MASK, idx, off);
-    if (argmax_before(ov, oi, v, idx)) {
-      v = ov;
-      idx = oi;
-    }
-  }
+  warp_argmax(v, idx);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   if (lane == 0) {
     warp_v[warp] = v;
@@ -425,14 +430,7 @@ extern "C" __global__ void __launch_bounds__(ARGMAX_THREADS) greedy_advance(cons
   if (warp != 0) return;
   v = warp_v[lane];
   idx = warp_i[lane];
-  for (int off = 16; off > 0; off >>= 1) {
-    const float ov = __shfl_xor_sync(FULL_MASK, v, off);
-    const int oi = __shfl_xor_sync(FULL_MASK, idx, off);
-    if (argmax_before(ov, oi, v, idx)) {
-      v = ov;
-      idx = oi;
-    }
-  }
+  warp_argmax(v, idx);
   if (lane == 0) {
     const long long p = *pos;
     *token = idx;
