@@ -40,6 +40,22 @@ __device__ __forceinline__ float add_cold(float hot, float cold, const float* r)
   return r ? *r + s : s;
 }
 
+// y[o] (out_type: fp32 0, fp16 1, bf16 2) = residual[o] + (s + cold[o]) for an fp32 sum s, rounded as the torch
+// adds of the rounded sum would; residual and cold (y's type) may be null.
+__device__ __forceinline__ void store_sum(float s, long long o, void* y, int out_type, const void* residual,
+                                          const void* cold) {
+  if (out_type == 0) {
+    const float* r = reinterpret_cast<const float*>(residual);
+    reinterpret_cast<float*>(y)[o] =
+        cold ? add_cold(s, __ldcg(reinterpret_cast<const float*>(cold) + o), r ? r + o : nullptr) : (r ? r[o] + s : s);
+  } else {
+    const unsigned short* r = reinterpret_cast<const unsigned short*>(residual);
+    reinterpret_cast<unsigned short*>(y)[o] =
+        cold ? add_cold(s, __ldcg(reinterpret_cast<const unsigned short*>(cold) + o), r ? r + o : nullptr, out_type)
+             : round_add(s, r ? r + o : nullptr, out_type);
+  }
+}
+
 // Thread 0 of a block waits until *flag (read fresh) equals want, or sets *error = 1 after timeout_ns, and fences
 // (so that the block's reads after this come after the flag's, by the barrier; SYSTEM: a flag the CPU sets, else
 // one set on the GPU); the block then goes on.

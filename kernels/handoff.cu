@@ -152,13 +152,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) add_parts(
     reinterpret_cast<uint4*>(out)[v] = make_uint4(o[0], o[1], o[2], o[3]);
   }
   for (int i = vectors * per + threadIdx.x; i < d; i += THREADS) {
-    if (type == 0) {
-      ((float*)out)[i] = add_cold(((const float*)y_gpu)[i], ((const float*)y_cold)[i],
-                                  has_res ? (const float*)residual + i : nullptr);
-    } else {
-      const float hot = from_half(((const unsigned short*)y_gpu)[i], type);
-      ((unsigned short*)out)[i] = add_cold(hot, ((const unsigned short*)y_cold)[i],
-                                           has_res ? (const unsigned short*)residual + i : nullptr, type);
-    }
+    const float hot = type == 0 ? ((const float*)y_gpu)[i] : from_half(((const unsigned short*)y_gpu)[i], type);
+    store_sum(hot, i, out, type, residual, y_cold);
   }
 }

@@ -411,22 +411,6 @@ __device__ __forceinline__ void red_add8(float* acc, const float* v) {
 #endif
 }
 
-// y[o] (out_type: fp32 0, fp16 1, bf16 2) = residual[o] + (s + cold[o]) for an fp32 sum s, rounded as the torch
-// adds of the rounded sum would; residual and cold (y's type) may be null.
-__device__ __forceinline__ void store_sum(float s, long long o, void* y, int out_type, const void* residual,
-                                          const void* cold) {
-  if (out_type == 0) {
-    const float* r = reinterpret_cast<const float*>(residual);
-    reinterpret_cast<float*>(y)[o] =
-        cold ? add_cold(s, __ldcg(reinterpret_cast<const float*>(cold) + o), r ? r + o : nullptr) : (r ? r[o] + s : s);
-  } else {
-    const unsigned short* r = reinterpret_cast<const unsigned short*>(residual);
-    reinterpret_cast<unsigned short*>(y)[o] =
-        cold ? add_cold(s, __ldcg(reinterpret_cast<const unsigned short*>(cold) + o), r ? r + o : nullptr, out_type)
-             : round_add(s, r ? r + o : nullptr, out_type);
-  }
-}
-
 // Called by every thread of every block once its atomic adds into acc (xpad fp32, zero between launches) are
 // issued: the grid's last block to get here (counted in *done) writes y (d elements, out_type: fp32 0, fp16 1,
 // bf16 2) = residual (y's type, may be null) + acc, rounded as the torch add of the rounded sum would, and
