@@ -1,5 +1,7 @@
 """The GPU-CPU hand-off: GPU halves (send, receive) with the CPU half (cold_step) between them, eagerly and
 inside a CUDA graph, against float64 math; and both sides' timeouts."""
+import time
+
 import pytest
 import torch
 
@@ -73,12 +75,16 @@ def test_eager_steps_add_the_cold_rows(dtype, dim, with_residual):
     assert handoff.host_epoch == int(handoff.epoch) == 2
 
 
+@pytest.mark.parametrize("cpu_late", [False, True])  # True: every down block has counted before the CPU's flag
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
-def test_hot_rows_down_kernel_adds_the_cold_rows(dtype, monkeypatch):
+def test_hot_rows_down_kernel_adds_the_cold_rows(dtype, cpu_late, monkeypatch):
     """Hot rows on gate_up_one + down_partial: the down kernel's last blocks wait for the fetched CPU share and
     write residual + (hot + cold) themselves (no add_parts), in 16-bit and fp32 outputs."""
     monkeypatch.setattr("kernels.cuda.ONE_LAUNCH_MAX_BYTES", 0)
     layers, handoff = make(dtype)
+    if cpu_late:
+        run_cpu = handoff.run_cpu
+        monkeypatch.setattr(handoff, "run_cpu", lambda: (time.sleep(0.05), run_cpu()))
     hot_rows = FFNRows.pack(*random_share(200, D, N_FF, scale=0.1), "cuda", "f16")
     hot_dense = [t.double() for t in hot_rows.dense()]
     with handoff.engage():
