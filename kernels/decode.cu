@@ -310,27 +310,43 @@ __global__ void decode_attention(const unsigned short* __restrict__ qkv, const u
   float m = NEG_INF, l = 0.f, acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
   for (int base = 0; base < n; base += groups * ATT_UNROLL) {  // the same trips for every thread (shuffles)
     if (base) load(base);  // the first keys were loaded before the wait
+    float d[ATT_UNROLL];  // the scores of the group's keys, added up over the group together
 #pragma unroll
     for (int u = 0; u < ATT_UNROLL; ++u) {
       if (base + u * groups + grp == new_key) {
         kv[u] = k_new;
         vv[u] = v_new;
       }
-      float kf[8], d = 0.f;
+      float kf[8];
       unpack8<DT>(kv[u], kf);
+      d[u] = 0.f;
 #pragma unroll
-      for (int e = 0; e < 8; ++e) d = fmaf(qv[e], kf[e], d);
-      for (int off = G / 2; off; off >>= 1) d += __shfl_xor_sync(FULL_MASK, d, off);
-      if (base + u * groups + grp < n) {  // the group's threads all hold the score d
-        const float m_new = fmaxf(m, d), rescale = __expf(m - m_new), p = __expf(d - m_new);
+      for (int e = 0; e < 8; ++e) d[u] = fmaf(qv[e], kf[e], d[u]);
+    }
+    for (int off = G / 2; off; off >>= 1)
+#pragma unroll
+      for (int u = 0; u < ATT_UNROLL; ++u) d[u] += __shfl_xor_sync(FULL_MASK, d[u], off);
+    float m_new = m;  // the group's threads all hold the same scores, so they take the same branches
+#pragma unroll
+    for (int u = 0; u < ATT_UNROLL; ++u)
+      if (base + u * groups + grp < n) m_new = fmaxf(m_new, d[u]);
+    if (m_new == NEG_INF) continue;  // none of this round's keys is the group's
+    const float rescale = __expf(m - m_new);
+    l *= rescale;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) acc[e] *= rescale;
+#pragma unroll
+    for (int u = 0; u < ATT_UNROLL; ++u) {
+      if (base + u * groups + grp < n) {
+        const float p = __expf(d[u] - m_new);
         float vf[8];
         unpack8<DT>(vv[u], vf);
-        l = l * rescale + p;
+        l += p;
 #pragma unroll
-        for (int e = 0; e < 8; ++e) acc[e] = fmaf(p, vf[e], acc[e] * rescale);
-        m = m_new;
+        for (int e = 0; e < 8; ++e) acc[e] = fmaf(p, vf[e], acc[e]);
       }
     }
+    m = m_new;
   }
 #pragma unroll
   for (int e = 0; e < 8; ++e) sums[grp * hd + part * 8 + e] = acc[e];
@@ -339,14 +355,32 @@ __global__ void decode_attention(const unsigned short* __restrict__ qkv, const u
     group_sum[grp] = l;
   }
   __syncthreads();
-  float m_block = NEG_INF, l_block = 0.f;
-  for (int g = 0; g < groups; ++g) m_block = fmaxf(m_block, group_max[g]);
-  for (int g = 0; g < groups; ++g) l_block += group_sum[g] * __expf(group_max[g] - m_block);  // 0 for no keys
+  // warp 0 combines the groups: the block's maximum and sum of exponentials, and each group's weight
+  // exp(max_g - max) in place of its maximum (0 for a group without keys)
+  __shared__ float block_max_sum[2];
+  if (threadIdx.x < 32) {
+    float mb = NEG_INF, lb = 0.f;
+    for (int g = threadIdx.x; g < groups; g += 32) mb = fmaxf(mb, group_max[g]);
+    mb = warp_max(mb);
+    for (int g = threadIdx.x; g < groups; g += 32) {
+      const float w = __expf(group_max[g] - mb);
+      lb = fmaf(group_sum[g], w, lb);
+      group_max[g] = w;
+    }
+    lb = warp_sum(lb);
+    if (threadIdx.x == 0) {
+      block_max_sum[0] = mb;
+      block_max_sum[1] = lb;
+    }
+  }
+  __syncthreads();
+  const float m_block = block_max_sum[0], l_block = block_max_sum[1], *weights = group_max;
   const bool alone = used == 1;  // the head's only block writes out itself
   float* mine = partial + ((size_t)h * splits + s) * (hd + 2);
   for (int i = threadIdx.x; i < hd; i += blockDim.x) {
     float a = 0.f;
-    for (int g = 0; g < groups; ++g) a += sums[g * hd + i] * __expf(group_max[g] - m_block);
+#pragma unroll 8
+    for (int g = 0; g < groups; ++g) a = fmaf(sums[g * hd + i], weights[g], a);
     if (alone) out[(size_t)h * hd + i] = from_f<DT>(a / l_block);
     else mine[i] = a;
   }
