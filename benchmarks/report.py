@@ -116,10 +116,14 @@ def target_checks(part: dict) -> list[str]:
     return [c for c in checks if c]
 
 
-def part_section(part: dict) -> str:
+def part_section(part: dict, first: dict) -> str:
+    """The part's table; a part measured in another run than the first (the header's) names its own machine,
+    commit and command."""
     model = part["model"]
-    head = f"### {part['part']}: {model['weights']}\n\n{model['description']}\n\n"
-    return head + part_table(part)
+    head = f"### {part['part']}: {model['weights']}\n\n"
+    if (part["machine"], part.get("command")) != (first["machine"], first.get("command")):
+        head += f"Machine: {machine_line([part])}.\nCommand: `{part.get('command', 'python -m benchmarks.run')}`\n\n"
+    return head + f"{model['description']}\n\n" + part_table(part)
 
 
 def machine_line(parts: list[dict]) -> str:
@@ -135,7 +139,7 @@ def machine_line(parts: list[dict]) -> str:
 def write_markdown(parts: list[dict], path: str) -> None:
     with open(TEMPLATE) as f:
         template = f.read()
-    tables = "\n\n".join(part_section(p) for p in parts)
+    tables = "\n\n".join(part_section(p, parts[0]) for p in parts)
     with open(path, "w") as f:
         f.write(template.format(machine=machine_line(parts), tables=tables,
                                 command=parts[0].get("command", "python -m benchmarks.run")))

@@ -38,7 +38,10 @@ def test_table_has_ratios_reasons_and_perplexity():
 
 
 def test_report_files(tmp_path):
-    (tmp_path / "llama2-7b.json").write_text(json.dumps(part()))
+    later = part()
+    later["machine"] = {**later["machine"], "commit": "def5678"}
+    later["command"] = "python -m benchmarks.run --only 7b"
+    (tmp_path / "llama2-7b.json").write_text(json.dumps(later))
     (tmp_path / "relu-smollm2-135m.json").write_text(json.dumps(part("relu-smollm2-135m")))
     (tmp_path / "other.json").write_text(json.dumps({"benchmark": "dense_decode"}))
     assert [p["part"] for p in load_results(str(tmp_path))] == ["relu-smollm2-135m", "llama2-7b"]
@@ -46,6 +49,10 @@ def test_report_files(tmp_path):
     text = (tmp_path / "benchmarks.md").read_text()
     assert "H100, 16 CPU threads (16 used)" in text and "commit abc1234" in text
     assert text.index("### relu-smollm2-135m") < text.index("### llama2-7b")
+    # a part from another run names its own commit and command; one from the header's run does not repeat them
+    section = text[text.index("### llama2-7b"):]
+    assert "commit def5678" in section and "Command: `python -m benchmarks.run --only 7b`" in section
+    assert "Machine:" not in text[text.index("### relu-smollm2-135m"):text.index("### llama2-7b")]
     pytest.importorskip("matplotlib")
     assert str(tmp_path / "benchmarks.png") in written and (tmp_path / "benchmarks.png").stat().st_size > 10_000
 
